@@ -1,0 +1,27 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/condensevit demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2
+
+bench: $(STAMP)
+	$(VENV)/bin/condensevit bench --models deit_small_patch16_224,stvit_deit_small_patch16_224,lookupvit_small_patch16_224 --batch-size 32
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,156 @@
+"""Shared machinery of the model families: building through timm, reading checkpoint files,
+and checking converted state dicts so that a wrong checkpoint fails with a clear message."""
+from __future__ import annotations
+
+import fnmatch
+import os
+import pickle
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+
+__all__ = ["CheckpointError", "read_checkpoint", "build", "complete_state_dict", "unwrap_state_dict"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that does not fit the model."""
+
+
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+
+
+def unwrap_state_dict(checkpoint) -> dict[str, torch.Tensor]:
+    """Find the state dict inside the usual wrappers ({'model': ...}, {'state_dict': ...}, DDP's
+    'module.' prefix) and keep the tensors."""
+    sd = checkpoint
+    while isinstance(sd, dict):
+        inner = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
+        if inner is None:
+            break
+        sd = sd[inner]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"the checkpoint holds a {type(sd).__name__}, not a state dict")
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    if not out:
+        raise CheckpointError("the checkpoint holds no tensors")
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights from a .safetensors or a torch (.pth/.pt/.bin) file, unwrapped.
+
+    Raises :class:`CheckpointError` naming the file and the fix when the file is missing,
+    truncated or not a checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path!r}; check the path")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint file {path!r} is empty; re-download or re-save it")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        # safetensors files start with an 8-byte little-endian header length, then '{'
+        if path.endswith(".safetensors") or (len(head) == 8 and _looks_like_safetensors(path)):
+            from safetensors.torch import load_file
+            return unwrap_state_dict(load_file(path, device="cpu"))
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # older checkpoints (e.g. the STViT-R releases) pickle argparse/yacs configs beside
+            # the weights; only load those the user handed us explicitly
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return unwrap_state_dict(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {e}") from e
+    except Exception as e:  # torch, zipfile, pickle and safetensors each raise their own kinds
+        raise CheckpointError(
+            f"checkpoint file {path!r} could not be read ({type(e).__name__}: {str(e)[:200]}); "
+            "it is probably truncated or corrupt: download or save it again") from e
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n < 100_000_000 and head[8:9] == b"{"
+
+
+def complete_state_dict(
+        state_dict: dict[str, torch.Tensor],
+        model: nn.Module,
+        *,
+        new_keys: Iterable[str] = (),
+        source: str = "the checkpoint",
+        reinit_head: str | None = "head.",
+) -> dict[str, torch.Tensor]:
+    """Check a converted state dict against the model and fill the parameters that the source
+    cannot have (``new_keys``: fnmatch patterns, e.g. the scoring network) with the model's own
+    initial values. Any other missing key, unexpected key or shape mismatch raises a
+    :class:`CheckpointError` that names them. A classifier of another size is dropped (the model
+    keeps its fresh one) when ``reinit_head`` names its prefix."""
+    target = model.state_dict()
+    new_keys = tuple(new_keys)
+    out = {}
+    unexpected, mismatched = [], []
+    for k, v in state_dict.items():
+        if k not in target:
+            unexpected.append(k)
+        elif tuple(v.shape) != tuple(target[k].shape):
+            if reinit_head and k.startswith(reinit_head):
+                continue
+            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}")
+        else:
+            out[k] = v
+    missing = []
+    for k, v in target.items():
+        if k in out:
+            continue
+        if any(fnmatch.fnmatchcase(k, p) for p in new_keys) or (reinit_head and k.startswith(reinit_head)):
+            out[k] = v
+        else:
+            missing.append(k)
+    if missing or unexpected or mismatched:
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{len(keys)} {name}: {', '.join(keys[:8])}{more}")
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: " + "; ".join(parts)
+            + ". Is it a checkpoint of this model family and size? Pick the matching variant "
+              "(or the matching embed_dim/depth/num_heads).")
+    return out
+
+
+def build(
+        model_cls: Callable[..., nn.Module],
+        variant: str,
+        pretrained: bool = False,
+        *,
+        filter_fn: Callable | None = None,
+        feature_cfg: dict | None = None,
+        **kwargs,
+) -> nn.Module:
+    """``timm.models.build_model_with_cfg`` with our conventions: a checkpoint named by
+    ``pretrained_cfg_overlay=dict(file=...)`` is read by :func:`read_checkpoint` (clear errors,
+    any wrapper layout) and ``features_only`` goes through the model's ``forward_intermediates``."""
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained and overlay.get("file") and overlay.get("state_dict") is None:
+        overlay["state_dict"] = read_checkpoint(overlay.pop("file"))
+    feature_cfg = dict(feature_cls="getter", **(feature_cfg or {}))
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_cfg_overlay=overlay or None,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=feature_cfg,
+        **kwargs,
+    )

@@ -1,0 +1,1 @@
+"""placeholder: registered models come with their issue."""

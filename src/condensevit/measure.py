@@ -173,7 +173,8 @@ def throughput(
     """Inference images per second after warm-up, as timm's benchmark measures it.
 
     Timing is synchronised on GPU. ``min_time`` (seconds) extends the timed loop on fast
-    machines. Latency is the median batch-1 time. Peak memory covers the batched runs.
+    machines. Latency is the median batch-1 time (skipped, and NaN, when ``latency_iters == 0``).
+    Peak memory covers the batched runs.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -208,18 +209,21 @@ def throughput(
             times += _timed(step, device, iters)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
 
-    x1 = make(1)
+    latency = float("nan")
+    if latency_iters != 0:
+        x1 = make(1)
 
-    def step1():
-        with amp_ctx():
-            run_model(x1)
+        def step1():
+            with amp_ctx():
+                run_model(x1)
 
-    for _ in range(warmup):
-        step1()
-    lat = sorted(_timed(step1, device, latency_iters or max(iters, 10)))
+        for _ in range(max(warmup, 1)):
+            step1()
+        lat = sorted(_timed(step1, device, latency_iters or max(iters, 10)))
+        latency = 1000 * lat[len(lat) // 2]
     return Throughput(
         images_per_s=batch_size * len(times) / sum(times),
-        latency_ms=1000 * lat[len(lat) // 2],
+        latency_ms=latency,
         peak_memory_mb=peak / 2**20,
         batch_size=batch_size,
         device=str(device),

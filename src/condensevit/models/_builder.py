@@ -100,19 +100,20 @@ def complete_state_dict(
     target = model.state_dict()
     new_keys = tuple(new_keys)
     out = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, mismatched_keys = [], [], set()
     for k, v in state_dict.items():
         if k not in target:
             unexpected.append(k)
         elif tuple(v.shape) != tuple(target[k].shape):
             if reinit_head and k.startswith(reinit_head):
                 continue
+            mismatched_keys.add(k)
             mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}")
         else:
             out[k] = v
     missing = []
     for k, v in target.items():
-        if k in out:
+        if k in out or k in mismatched_keys:
             continue
         if any(fnmatch.fnmatchcase(k, p) for p in new_keys) or (reinit_head and k.startswith(reinit_head)):
             out[k] = v

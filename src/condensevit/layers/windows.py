@@ -1,0 +1,103 @@
+"""Window primitives on channels-last token maps (B, H, W, C).
+
+Non-overlapping windows (Swin): :func:`window_partition` / :func:`window_reverse`, with
+:func:`pad_to_multiple` for maps whose sides are not multiples of the window, and
+:func:`shifted_window_mask` for the shifted-window blocks.
+
+Overlapping neighbourhoods (a k x k patch of a map around each window, as STViT-R's semantic
+tokens see the image): :func:`neighbourhood_index` builds, once per map size, the indices of every
+neighbourhood into the flattened map; :func:`gather_neighbourhoods` then gathers any per-token
+tensor (typically keys and values, projected once per token) into (B, windows, k*k, ...).
+Positions outside the map point at one extra "pad" slot appended after the map's tokens, so the
+caller decides what padding is (for example the projection of a zero token).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "window_partition", "window_reverse", "pad_to_multiple", "shifted_window_mask",
+    "neighbourhood_index", "gather_neighbourhoods",
+]
+
+
+def window_partition(x: Tensor, window_size: int) -> Tensor:
+    """(B, H, W, C) -> (B * windows, window_size**2, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
+
+
+def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
+    """(B * windows, window_size**2, C) -> (B, H, W, C); the inverse of :func:`window_partition`."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> tuple[Tensor, int, int]:
+    """Pad a (B, H, W, C) map at the bottom and right to multiples of ``multiple``.
+
+    Returns the padded map and the padding added (pad_bottom, pad_right)."""
+    H, W = x.shape[1], x.shape[2]
+    pad_b, pad_r = (-H) % multiple, (-W) % multiple
+    if pad_b or pad_r:
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b), value=value)
+    return x, pad_b, pad_r
+
+
+def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int, device=None,
+                        value: float = -100.0) -> Tensor:
+    """Additive mask (windows, N, N) of shifted-window attention on a cyclically rolled (H, W) map
+    (sides multiples of ``window_size``): tokens that were not neighbours before the roll get
+    ``value`` (Swin's -100)."""
+    region = torch.zeros(H, W, device=device)
+    cuts = ((0, -window_size), (-window_size, -shift_size), (-shift_size, None))
+    label = 0
+    for h0, h1 in cuts:
+        for w0, w1 in cuts:
+            region[h0:h1, w0:w1] = label
+            label += 1
+    region = window_partition(region.view(1, H, W, 1), window_size).squeeze(-1)  # (windows, N)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, value)
+
+
+def neighbourhood_index(
+        height: int,
+        width: int,
+        grid: tuple[int, int],
+        kernel: int,
+        stride: int,
+        offset: int = 0,
+        device=None,
+) -> tuple[Tensor, Tensor]:
+    """Indices of overlapping k x k neighbourhoods of a (height, width) map.
+
+    Window (i, j) of a ``grid`` = (rows, cols) of windows covers map rows
+    ``i * stride - offset ... + kernel`` and the same for columns. Returns
+    ``index`` (windows, kernel**2) into the map flattened row-major, where positions outside the
+    map point at ``height * width`` (one pad slot appended by :func:`gather_neighbourhoods`), and
+    ``rows``, ``cols`` (windows, kernel**2): the map coordinates of each position (which may lie
+    outside the map), for building masks.
+    """
+    rows_n, cols_n = grid
+    k = torch.arange(kernel, device=device)
+    r = (torch.arange(rows_n, device=device) * stride - offset)[:, None] + k       # (rows_n, kernel)
+    c = (torch.arange(cols_n, device=device) * stride - offset)[:, None] + k       # (cols_n, kernel)
+    rows = r[:, None, :, None].expand(rows_n, cols_n, kernel, kernel).reshape(rows_n * cols_n, -1)
+    cols = c[None, :, None, :].expand(rows_n, cols_n, kernel, kernel).reshape(rows_n * cols_n, -1)
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    index = torch.where(inside, rows * width + cols, torch.full_like(rows, height * width))
+    return index, torch.stack((rows, cols))
+
+
+def gather_neighbourhoods(tokens: Tensor, index: Tensor, pad: Tensor) -> Tensor:
+    """Gather (B, N, ...) per-token tensors into (B, windows, K, ...) neighbourhoods.
+
+    ``index`` (windows, K) comes from :func:`neighbourhood_index` (value N = the pad slot);
+    ``pad``, broadcastable to (B, 1, ...), is what a position outside the map holds."""
+    pad = pad.to(tokens.dtype).expand(tokens.shape[0], 1, *tokens.shape[2:])
+    return torch.cat([tokens, pad], dim=1)[:, index]

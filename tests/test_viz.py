@@ -1,0 +1,125 @@
+"""Token maps (API and `condensevit viz`): what the few tokens see."""
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+import condensevit  # noqa: F401
+from condensevit.cli import main
+from condensevit.viz import figure_size, load_image, models_with_token_maps, render, token_maps
+
+SMALL = {
+    "stvit_deit_tiny_patch16_224": dict(embed_dim=64, depth=6, num_heads=2, img_size=(96, 128)),
+    "stvit_r_swin_tiny_patch4_window7_224": dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8)),
+    "stvit_r_det_swin_tiny_patch4_window7": dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8)),
+    "lookupvit_tiny_patch16_224": dict(embed_dim=64, depth=3, num_heads=2, img_size=(96, 128)),
+}
+
+
+def _input(name, model):
+    if "det" in name:  # the dense form takes any size; at sizes that need padding, see below
+        return torch.randn(2, 3, 224, 224)
+    return torch.randn(2, *model.pretrained_cfg["input_size"]) if "stvit_r" in name else torch.randn(2, 3, 96, 128)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_each_token_map_is_a_distribution_over_the_image_tokens(name):
+    model = timm.create_model(name, **SMALL[name])
+    x = _input(name, model)
+    tm = token_maps(model, x)
+    assert tm.maps
+    for key, m in tm.maps.items():
+        assert m.dim() == 4 and m.shape[0] == 2, key
+        assert (m >= 0).all()
+        torch.testing.assert_close(m.sum((-2, -1)), torch.ones(m.shape[:2]), msg=key)
+        assert tm.owner.shape == (2, *m.shape[-2:])
+        assert int(tm.owner.max()) < m.shape[1]
+    assert model.training  # token_maps leaves the mode alone
+
+
+def test_dense_stvit_r_maps_at_a_padded_size_are_distributions_or_empty():
+    # the released padding mask can hide a semantic token from every image token (documented in
+    # STViTR.token_maps): its recovery map is all zero; every other map is a distribution
+    name = "stvit_r_det_swin_tiny_patch4_window7"
+    tm = token_maps(timm.create_model(name, **SMALL[name]), torch.randn(1, 3, 100, 150))
+    for key, m in tm.maps.items():
+        sums = m.sum((-2, -1))
+        assert ((sums - 1).abs() < 1e-4).logical_or(sums == 0).all(), key
+        assert (sums > 0).any()
+    assert (tm.maps["semantic"].sum((-2, -1)) > 0).all()
+
+
+def test_lookupvit_maps_follow_the_asked_grid():
+    model = timm.create_model("lookupvit_tiny_patch16_224", **SMALL["lookupvit_tiny_patch16_224"])
+    tm = token_maps(model, torch.randn(1, 3, 96, 128), compressed_grid=(2, 3))
+    assert tm.maps["gather"].shape == (1, 6, 6, 8)
+    assert "scatter" in tm.owner_title
+
+
+def test_stvit_initial_pooling_map_is_confined_to_its_window():
+    model = timm.create_model("stvit_deit_tiny_patch16_224", embed_dim=64, depth=6, num_heads=2, img_size=128)
+    tm = token_maps(model, torch.randn(1, 3, 128, 128))
+    pool = tm.maps["center_pool"][0]   # 16 tokens over an 8x8 map: 2x2 windows
+    for t in range(16):
+        r, c = divmod(t, 4)
+        inside = pool[t, 2 * r:2 * r + 2, 2 * c:2 * c + 2].sum()
+        torch.testing.assert_close(inside, torch.tensor(1.0))
+
+
+def test_render_writes_a_png_of_the_expected_size(tmp_path):
+    model = timm.create_model("lookupvit_tiny_patch16_224", **SMALL["lookupvit_tiny_patch16_224"])
+    cfg = model.pretrained_cfg
+    x, rgb = load_image(load_sample_image("china.jpg"), (96, 128), cfg["mean"], cfg["std"])
+    assert x.shape == (1, 3, 96, 128) and rgb.shape == (96, 128, 3)
+    tm = token_maps(model, x)
+    out = tmp_path / "maps.png"
+    size = render(rgb, tm, str(out), max_tokens=9)
+    assert size == figure_size(len(tm.maps), 25, 9, aspect=96 / 128)
+    with Image.open(out) as im:
+        assert im.size == size
+        arr = np.asarray(im.convert("RGB"))
+    assert arr.std() > 10  # something was drawn
+
+
+def test_viz_command_on_a_real_photograph(tmp_path, capsys):
+    out = tmp_path / "v.png"
+    rc = main(["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", "sample:china", "--out", str(out),
+               "--size", "96x128", "--model-kwargs", "embed_dim=64", "depth=6", "num_heads=2"])
+    assert rc == 0, capsys.readouterr().err
+    assert "center_pool" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size[0] > 400
+
+
+def test_viz_command_with_an_image_file_and_a_grid(tmp_path, capsys):
+    img = tmp_path / "photo.png"
+    Image.fromarray(load_sample_image("flower.jpg")).save(img)
+    out = tmp_path / "v.png"
+    rc = main(["viz", "--model", "lookupvit_tiny_patch16_224", "--image", str(img), "--out", str(out),
+               "--grid", "3x3", "--size", "96x96", "--model-kwargs", "embed_dim=64", "depth=2", "num_heads=2"])
+    assert rc == 0, capsys.readouterr().err
+    assert "gather (9, 6, 6)" in capsys.readouterr().out
+
+
+def test_viz_bad_input_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    args = ["--model-kwargs", "embed_dim=64", "depth=6", "num_heads=2", "--size", "96x96"]
+    assert main(["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", str(bad),
+                 "--out", str(tmp_path / "o.png"), *args]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", str(tmp_path / "missing.jpg"),
+                 "--out", str(tmp_path / "o.png"), *args]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert main(["viz", "--model", "deit_tiny_patch16_224", "--image", "sample:china",
+                 "--out", str(tmp_path / "o.png"), "--model-kwargs", "depth=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no condensed tokens" in err and "stvit_deit_small_patch16_224" in err
+
+
+def test_models_with_token_maps_lists_the_condensing_families():
+    names = models_with_token_maps()
+    assert "stvit_deit_small_patch16_224" in names and "lookupvit_base_patch16_224" in names
+    assert "stvit_r_swin_small_patch4_window7_224" in names

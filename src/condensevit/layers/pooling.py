@@ -1,7 +1,9 @@
 """Window pooling: one token per window of a grid of windows laid over a token map.
 
-The map (H, W) is padded to a multiple of the grid, split evenly on both sides (the extra row or
-column, if any, goes after), and cut into equal windows; padding positions are masked out, so each
+Maps are (H, W) images or, for video, (T, H, W) space-time volumes: every function and module here
+works on either (the geometry is per axis; the 2-D case is the STViT image form). The map is
+padded to a multiple of the grid, split evenly on both sides (the extra row or column, if any, goes
+after), and cut into equal windows; padding positions are masked out, so each
 pooled token is a function of the real tokens of its window only. STViT's initial semantic-token
 centres come from here (``WindowPool`` with a learned score, or plain average / max pooling).
 
@@ -26,27 +28,29 @@ POOL_MODES = ("weighted", "avg", "max")
 
 
 class WindowGrid(NamedTuple):
-    """Geometry of a ``grid`` of windows over a ``feat_size`` token map."""
-    feat_size: tuple[int, int]      # (H, W) of the token map
-    grid: tuple[int, int]           # windows along (H, W)
-    padded_size: tuple[int, int]    # (H, W) after padding to a multiple of the grid
-    window_size: tuple[int, int]    # tokens per window along (H, W), padding included
-    pad_before: tuple[int, int]     # padding rows above / columns to the left
+    """Geometry of a ``grid`` of windows over a ``feat_size`` token map ((H, W), or (T, H, W))."""
+    feat_size: tuple[int, ...]      # (H, W) of the token map, or (T, H, W)
+    grid: tuple[int, ...]           # windows along each axis
+    padded_size: tuple[int, ...]    # sides after padding to a multiple of the grid
+    window_size: tuple[int, ...]    # tokens per window along each axis, padding included
+    pad_before: tuple[int, ...]     # padding before the first token along each axis
 
 
-def window_grid(feat_size: tuple[int, int], grid: tuple[int, int]) -> WindowGrid:
+def window_grid(feat_size: tuple[int, ...], grid: tuple[int, ...]) -> WindowGrid:
     """Pad ``feat_size`` to a multiple of ``grid`` (evenly on both sides) and size the windows.
 
     Raises ``ValueError`` when a window would hold padding only (a token map too small for the grid).
     """
     feat_size, grid = tuple(int(s) for s in feat_size), tuple(int(g) for g in grid)
+    if len(feat_size) != len(grid):
+        raise ValueError(f"a grid of windows {grid} needs one entry per axis of the token map {feat_size}")
     padded = tuple(math.ceil(s / g) * g for s, g in zip(feat_size, grid))
     window = tuple(p // g for p, g in zip(padded, grid))
     pad_before = tuple((p - s) // 2 for p, s in zip(padded, feat_size))
     for s, p, w, b, g in zip(feat_size, padded, window, pad_before, grid):
         if b >= w or (p - s - b) >= w:
             raise ValueError(
-                f"a token map of {feat_size[0]}x{feat_size[1]} is too small for a {grid[0]}x{grid[1]} "
+                f"a token map of {'x'.join(map(str, feat_size))} is too small for a {'x'.join(map(str, grid))} "
                 f"grid of windows (some windows would hold padding only); use a larger image or "
                 f"fewer pooled tokens (at least {g} tokens are needed along each side)")
     return WindowGrid(feat_size, grid, padded, window, pad_before)
@@ -55,23 +59,32 @@ def window_grid(feat_size: tuple[int, int], grid: tuple[int, int]) -> WindowGrid
 def window_index(geometry: WindowGrid) -> tuple[Tensor, Tensor]:
     """Token indices of every window, ``(G, K)`` long, and their validity, ``(G, K)`` bool.
 
-    ``G = grid_h * grid_w`` windows in row-major order, ``K = window_h * window_w`` positions in
+    ``G = prod(grid)`` windows in row-major order, ``K = prod(window_size)`` positions in
     row-major order inside the window. Padding positions point at token 0 and are marked invalid.
     """
-    (H, W), (gh, gw), _, (wh, ww), (ph, pw) = geometry
+    feat, grid, _, window, pad = geometry
+    n = len(feat)
     cpu = torch.device("cpu")  # geometry is plain bookkeeping, even when building on another device
-    rows = torch.arange(gh, device=cpu).view(gh, 1, 1, 1) * wh + torch.arange(wh, device=cpu).view(1, 1, wh, 1) - ph
-    cols = torch.arange(gw, device=cpu).view(1, gw, 1, 1) * ww + torch.arange(ww, device=cpu).view(1, 1, 1, ww) - pw
-    rows, cols = torch.broadcast_tensors(rows, cols)          # (gh, gw, wh, ww)
-    valid = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
-    index = torch.where(valid, rows * W + cols, torch.zeros_like(rows))
-    return index.reshape(gh * gw, wh * ww), valid.reshape(gh * gw, wh * ww)
+    index = torch.zeros((), dtype=torch.long, device=cpu)
+    valid = torch.ones((), dtype=torch.bool, device=cpu)
+    for axis, (size, g, w, b) in enumerate(zip(feat, grid, window, pad)):
+        # coordinate along this axis of (window a, position k): a * w + k - b, laid out on the
+        # (grid..., window...) axes so that windows and positions both come out row-major
+        shape = [1] * (2 * n)
+        shape[axis], shape[n + axis] = g, w
+        coord = (torch.arange(g, device=cpu).view(g, 1) * w + torch.arange(w, device=cpu).view(1, w) - b)
+        coord = coord.view(shape)
+        valid = valid & (coord >= 0) & (coord < size)
+        index = index * size + coord
+    index = torch.where(valid, index, torch.zeros_like(index))
+    G, K = math.prod(grid), math.prod(window)
+    return index.reshape(G, K), valid.reshape(G, K)
 
 
 def window_membership_bias(geometry: WindowGrid) -> Tensor:
     """Additive mask ``(G, H*W)``: 0 where the token lies in the window, -inf elsewhere."""
     index, valid = window_index(geometry)
-    G, N = index.shape[0], geometry.feat_size[0] * geometry.feat_size[1]
+    G, N = index.shape[0], math.prod(geometry.feat_size)
     member = torch.zeros(G, N, dtype=torch.bool, device=index.device)
     member[torch.arange(G, device=index.device).unsqueeze(1).expand_as(index)[valid], index[valid]] = True
     return torch.zeros(G, N, device=index.device).masked_fill(~member, float("-inf"))
@@ -80,14 +93,18 @@ def window_membership_bias(geometry: WindowGrid) -> Tensor:
 class TokenScorer(nn.Module):
     """Scores every token of a map: 3x3 depthwise conv, LayerNorm, GELU, 1x1 conv to one channel.
 
+    On a (T, H, W) video map the depthwise conv is 3x3x3 (the same scorer, over space and time).
     The last projection has no bias (a constant shift changes no softmax) and starts at zero, so a
     fresh scorer gives equal weights (average pooling) until training moves it.
     """
 
-    def __init__(self, dim: int, feat_size: tuple[int, int], *, norm_layer=nn.LayerNorm, act_layer=nn.GELU):
+    def __init__(self, dim: int, feat_size: tuple[int, ...], *, norm_layer=nn.LayerNorm, act_layer=nn.GELU):
         super().__init__()
         self.feat_size = tuple(feat_size)
-        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        if len(self.feat_size) not in (2, 3):
+            raise ValueError(f"feat_size {self.feat_size} must be (H, W) or (T, H, W)")
+        conv = nn.Conv2d if len(self.feat_size) == 2 else nn.Conv3d
+        self.conv = conv(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.norm = norm_layer(dim)
         self.act = act_layer()
         self.proj = nn.Linear(dim, 1, bias=False)
@@ -97,17 +114,16 @@ class TokenScorer(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, H*W, C) tokens -> (B, H*W) scores."""
+        """(B, N, C) tokens, N = prod(feat_size) -> (B, N) scores."""
         B, N, C = x.shape
-        H, W = self.feat_size
-        # (B, H*W, C) seen as (B, C, H, W) is a channels-last view: no copy before the conv
-        y = self.conv(x.view(B, H, W, C).permute(0, 3, 1, 2))
-        y = y.permute(0, 2, 3, 1).reshape(B, N, C)
+        # (B, N, C) seen as (B, C, *feat_size) is a channels-last view: no copy before the conv
+        y = self.conv(x.view(B, *self.feat_size, C).movedim(-1, 1))
+        y = y.movedim(1, -1).reshape(B, N, C)
         return self.proj(self.act(self.norm(y))).squeeze(-1)
 
 
 class WindowPool(nn.Module):
-    """One token per window of a ``grid`` over a (B, H*W, C) token map.
+    """One token per window of a ``grid`` over a (B, H*W, C) token map (or (B, T*H*W, C) for video).
 
     Modes: ``'weighted'`` (a :class:`TokenScorer` and a softmax inside each window, padding masked
     out, give the weights of a weighted average), ``'avg'`` (mean of the window's real tokens),
@@ -117,8 +133,8 @@ class WindowPool(nn.Module):
     def __init__(
             self,
             dim: int,
-            feat_size: tuple[int, int],
-            grid: tuple[int, int],
+            feat_size: tuple[int, ...],
+            grid: tuple[int, ...],
             mode: str = "weighted",
             *,
             norm_layer=nn.LayerNorm,
@@ -129,7 +145,7 @@ class WindowPool(nn.Module):
             raise ValueError(f"pooling mode {mode!r} is not one of {POOL_MODES}; pick one of them")
         self.mode = mode
         self.geometry = window_grid(feat_size, grid)
-        self.num_windows = self.geometry.grid[0] * self.geometry.grid[1]
+        self.num_windows = math.prod(self.geometry.grid)
         self.score = TokenScorer(dim, feat_size, norm_layer=norm_layer, act_layer=act_layer) \
             if mode == "weighted" else None
         device = torch.empty(0).device   # the device being built on (a `with torch.device(...)` block)
@@ -157,7 +173,7 @@ class WindowPool(nn.Module):
             setattr(self, name, tensor.to(getattr(self, name).device))
 
     @property
-    def window_size(self) -> tuple[int, int]:
+    def window_size(self) -> tuple[int, ...]:
         return self.geometry.window_size
 
     def extra_repr(self) -> str:

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name == module:  # that subcommand is not built yet
+            if e.name and module.startswith(e.name):  # that subcommand is not installed
                 continue
             raise
         getattr(mod, attr)(sub)

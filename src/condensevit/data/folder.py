@@ -1,0 +1,150 @@
+"""An ImageFolder tree (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) with the checks a
+user needs: a missing or empty folder, class folders that differ between train and val, and
+unreadable images (skipped and counted, or an error with ``strict``) give one clear message.
+
+Image headers are checked when the dataset is built (a thread pool opens each file without
+decoding it); a file that passes that check but fails to decode later is replaced by the next
+readable image, or raises with ``strict``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["ImageFolderDataset", "find_classes", "IMG_EXTENSIONS"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _split_dir(root: str, split: str) -> str:
+    if not os.path.exists(root):
+        raise FileNotFoundError(
+            f"dataset folder not found: {root!r}; give 'digits' or a folder holding train/ and val/ "
+            "with one sub-folder per class")
+    if not os.path.isdir(root):
+        raise ValueError(f"dataset path {root!r} is a file; give a folder holding train/ and val/")
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"dataset folder {root!r} has no {split}/ folder; expected {root}/train/<class>/... and "
+            f"{root}/val/<class>/...")
+    return path
+
+
+def find_classes(split_dir: str) -> list[str]:
+    """Sorted class-folder names of one split; an error when there are none."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"dataset folder {split_dir!r} is empty: expected one sub-folder per class")
+    return classes
+
+
+def _check_same_classes(root: str, train: list[str], val: list[str]):
+    if train == val:
+        return
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+
+    def show(names):
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "") if names else "none"
+
+    raise ValueError(
+        f"class folders differ between {root}/train ({len(train)} classes) and {root}/val ({len(val)} classes): "
+        f"only in train: {show(only_train)}; only in val: {show(only_val)}; make both hold the same class folders")
+
+
+def _probe(path: str) -> str | None:
+    """None when PIL can read the header of ``path``, else the reason."""
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018  (the header is parsed on open; size proves it)
+        return None
+    except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
+        return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+class ImageFolderDataset(Dataset):
+    """One split of an ImageFolder tree. Classes are taken from ``train/`` (so indices agree
+    between splits) and must be the same in ``val/``. ``num_skipped`` counts unreadable images."""
+
+    def __init__(self, root: str, split: str = "train", transform=None, *, strict: bool = False,
+                 check_images: bool = True, check_workers: int = 16):
+        if split not in ("train", "val"):
+            raise ValueError(f"split {split!r} must be 'train' or 'val'")
+        root = os.fspath(root)
+        split_dir = _split_dir(root, split)
+        classes = find_classes(split_dir)
+        other = "val" if split == "train" else "train"
+        if os.path.isdir(os.path.join(root, other)):
+            other_classes = find_classes(os.path.join(root, other))
+            _check_same_classes(root, *((classes, other_classes) if split == "train" else (other_classes, classes)))
+        elif split == "train":
+            _split_dir(root, "val")  # training needs both splits: say so now, not after an epoch
+
+        samples = []
+        for ci, name in enumerate(classes):
+            cdir = os.path.join(split_dir, name)
+            files = []
+            for dirpath, _, filenames in sorted(os.walk(cdir, followlinks=True)):
+                files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                          if f.lower().endswith(IMG_EXTENSIONS)]
+            if not files:
+                raise ValueError(
+                    f"class folder {cdir!r} holds no images (looked for {', '.join(IMG_EXTENSIONS)})")
+            samples += [(f, ci) for f in files]
+
+        bad = []
+        if check_images:
+            with ThreadPoolExecutor(max_workers=check_workers) as pool:
+                reasons = list(pool.map(_probe, [p for p, _ in samples], chunksize=64))
+            bad = [(p, r) for (p, _), r in zip(samples, reasons) if r is not None]
+            if bad and strict:
+                raise ValueError(
+                    f"{len(bad)} unreadable image(s) in {split_dir!r}, first {bad[0][0]!r} ({bad[0][1]}); "
+                    "remove them, or drop --strict to skip them")
+            if bad:
+                bad_paths = {p for p, _ in bad}
+                samples = [s for s in samples if s[0] not in bad_paths]
+        if not samples:
+            raise ValueError(f"no readable images in {split_dir!r}")
+
+        self.root, self.split, self.strict = root, split, strict
+        self.classes = classes
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+        self.transform = transform
+        self.skipped = bad              # (path, reason) of the images left out
+        self.num_skipped = len(bad)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: str) -> Image.Image:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+
+    def __getitem__(self, index: int):
+        for k in range(len(self.samples)):
+            path, target = self.samples[(index + k) % len(self.samples)]
+            try:
+                img = self._load(path)
+                break
+            except Exception as e:  # noqa: BLE001
+                if self.strict:
+                    raise ValueError(f"unreadable image {path!r} ({type(e).__name__}: {e}); "
+                                     "remove it, or drop --strict to skip it") from e
+                warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
+        else:  # pragma: no cover  (every image failed to decode)
+            raise ValueError(f"no image of {self.root!r}/{self.split} could be decoded")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderDataset({self.root!r}, split={self.split!r}, images={len(self)}, "
+                f"classes={len(self.classes)}, skipped={self.num_skipped})")

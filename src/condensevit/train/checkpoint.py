@@ -1,0 +1,314 @@
+"""Training checkpoints: the weights as safetensors (``last.safetensors``, readable by anything that
+reads safetensors, with the model name, kwargs and classes in its metadata) beside the training
+state (``last.state.pth``: optimizer, scheduler, scaler, EMA, RNG states, epoch, step, arguments).
+
+Every file is written atomically: a temporary file in the same folder, flushed and fsync'ed, then
+``os.replace``d over the old one, so a crash or a kill mid-write leaves the previous checkpoint
+whole. The state records the global step of its weights, and resuming checks that both files agree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import tempfile
+import threading
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write", "save_weights", "load_weights_file", "save_checkpoint", "load_checkpoint",
+    "find_resume", "capture_rng", "restore_rng", "GracefulStop", "weights_hash",
+    "WEIGHTS_NAME", "STATE_NAME", "load_model_for_inference", "fit_checkpoint",
+]
+
+WEIGHTS_NAME = "last.safetensors"
+STATE_NAME = "last.state.pth"
+
+
+def _fsync_dir(folder: str):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover  (not every system opens folders)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write) -> str:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it, then rename it
+    over ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def _to_plain_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights) and non-contiguous views
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items() if torch.is_tensor(v)}
+
+
+def save_weights(path: str, state_dict: dict, metadata: dict | None = None) -> str:
+    """Write weights as safetensors, atomically. ``metadata`` values are stored as JSON text."""
+    from safetensors.torch import save
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    blob = save(_to_plain_tensors(state_dict), metadata=meta)
+    return atomic_write(path, lambda f: f.write(blob))
+
+
+def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and the decoded metadata of a safetensors file written by :func:`save_weights`;
+    any other checkpoint format goes through :func:`condensevit.models.read_checkpoint` (no metadata)."""
+    from ..models._builder import read_checkpoint
+
+    state_dict = read_checkpoint(path)
+    meta = {}
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        for k, v in raw.items():
+            try:
+                meta[k] = json.loads(v)
+            except (TypeError, ValueError):
+                meta[k] = v
+    return state_dict, meta
+
+
+def weights_hash(state_dict: dict) -> str:
+    """SHA-256 of a state dict's names and exact bytes (equal across ranks when DDP kept them in step)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k]
+        if not torch.is_tensor(v):
+            continue
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+def capture_rng() -> dict:
+    """The states of python's, numpy's and torch's (CPU and CUDA) generators, in a form that
+    ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict):
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(output_dir: str, weights: dict, state: dict, metadata: dict) -> tuple[str, str]:
+    """Write ``last.safetensors`` then ``last.state.pth`` in ``output_dir``, each atomically.
+    ``state['global_step']`` is recorded in both so :func:`load_checkpoint` can pair them."""
+    step = int(state["global_step"])
+    wpath = save_weights(os.path.join(output_dir, WEIGHTS_NAME), weights, {**metadata, "global_step": step})
+    spath = atomic_write(os.path.join(output_dir, STATE_NAME),
+                         lambda f: torch.save({**state, "weights_file": WEIGHTS_NAME}, f))
+    return wpath, spath
+
+
+def find_resume(resume: str | None, output_dir: str) -> str | None:
+    """The state file to resume from: ``auto`` means ``OUTPUT/last.state.pth`` when it exists
+    (else a fresh start); a path may name the state file, its weights file or their folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(output_dir, STATE_NAME)
+        return path if os.path.isfile(path) else None
+    path = os.fspath(resume)
+    if os.path.isdir(path):
+        path = os.path.join(path, STATE_NAME)
+    elif path.endswith(".safetensors"):
+        path = os.path.join(os.path.dirname(path), STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no training state to resume at {path!r}; give the run's folder, its {STATE_NAME}, or --resume auto")
+    return path
+
+
+def load_checkpoint(state_path: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, training state, weights metadata) of a checkpoint, checked to belong together."""
+    from ..models._builder import CheckpointError
+
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"training state {state_path!r} could not be read ({type(e).__name__}: "
+                              f"{str(e)[:200]}); it is truncated or not a condensevit training state") from e
+    wpath = os.path.join(os.path.dirname(os.path.abspath(state_path)), state.get("weights_file", WEIGHTS_NAME))
+    weights, meta = load_weights_file(wpath)
+    if int(meta.get("global_step", -1)) != int(state.get("global_step", -2)):
+        raise CheckpointError(
+            f"{wpath!r} (step {meta.get('global_step')}) and {state_path!r} (step {state.get('global_step')}) "
+            "are not from the same moment of training; the run was killed between writing them. "
+            "Resume from a matching pair or start again.")
+    return weights, state, meta
+
+
+# ------------------------------------------------------------------------------------- SIGTERM
+
+class GracefulStop:
+    """While active, SIGTERM (what schedulers and torchrun send before killing) only sets
+    :attr:`requested`; the training loop then saves a checkpoint at the next step boundary and
+    returns. Does nothing outside the main thread, where signals cannot be caught."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = signals
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, prev in self._previous.items():
+            signal.signal(s, prev)
+        self._previous.clear()
+        return False
+
+
+# ----------------------------------------------------------------- fitting weights to a model
+
+def classifier_key(model: torch.nn.Module) -> str | None:
+    """State-dict name of the classifier's weight (via timm's ``get_classifier``), or None."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module) or getattr(head, "weight", None) is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return f"{name}.weight" if name else "weight"
+    return None
+
+
+def checkpoint_classes(state_dict: dict, meta: dict, model: torch.nn.Module) -> int | None:
+    """Number of classes a checkpoint was trained for: its metadata, else its classifier's rows."""
+    if meta.get("num_classes") is not None:
+        return int(meta["num_classes"])
+    key = classifier_key(model)
+    if key and key in state_dict and state_dict[key].ndim >= 1:
+        return int(state_dict[key].shape[0])
+    return None
+
+
+def fit_checkpoint(model: torch.nn.Module, state_dict: dict, *, source: str, meta: dict | None = None,
+                   data_classes: int | None = None, data_name: str | None = None) -> None:
+    """Load ``state_dict`` into ``model`` exactly (every tensor, every shape) or raise a clear
+    :class:`~condensevit.models.CheckpointError`.
+
+    A classifier sized for another number of classes than the data is named with both counts.
+    When the plain load does not fit (e.g. the model was built with another token count, grid or
+    image size), the weights go through the model family's ``checkpoint_filter_fn`` (the one place
+    weights are resized) before giving up.
+    """
+    import sys
+
+    from ..models._builder import CheckpointError, complete_state_dict
+
+    meta = meta or {}
+    if data_classes is not None:
+        n = checkpoint_classes(state_dict, meta, model)
+        if n is not None and n != data_classes:
+            where = f" ({data_name})" if data_name else ""
+            raise CheckpointError(
+                f"{source} was trained for {n} classes but the data{where} has {data_classes}; "
+                "evaluate it on data with the same classes, or fine-tune it with --pretrained-file")
+    try:
+        fitted = complete_state_dict(state_dict, model, source=source, reinit_head=None)
+    except CheckpointError as first:
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is None:
+            raise _with_kwargs_hint(first, meta) from None
+        try:
+            fitted = complete_state_dict(filter_fn(dict(state_dict), model), model, source=source, reinit_head=None)
+        except Exception:  # noqa: BLE001  (the filter could not adapt it either: the first message says why)
+            raise _with_kwargs_hint(first, meta) from None
+    model.load_state_dict(fitted, strict=True)
+
+
+def _with_kwargs_hint(err: Exception, meta: dict) -> Exception:
+    from ..models._builder import CheckpointError
+    if meta.get("model_kwargs") is not None:
+        return CheckpointError(f"{err} The checkpoint was trained as {meta.get('model')} with model kwargs "
+                               f"{meta.get('model_kwargs')}.")
+    return err
+
+
+def load_model_for_inference(name: str | None, path: str, **model_kwargs) -> torch.nn.Module:
+    """A model built and loaded from weights for inference (eval mode, CPU).
+
+    A condensevit training output (``last.safetensors``, ``best.safetensors``) records its model,
+    kwargs and classes: ``name`` may then be None, and ``model_kwargs`` go on top of the recorded
+    ones (another compressed grid, token count or image size, adapted by the family's checkpoint
+    filter). Any other file (a pretrained checkpoint) is loaded through the model's checkpoint
+    filter, as ``--pretrained-file`` does, keeping its classifier when it has one.
+    """
+    from .engine import create_model, normalize_kwargs
+
+    state_dict, meta = load_weights_file(path)
+    recorded = meta.get("model") if meta.get("format") == "condensevit" else None
+    name = name or recorded
+    if not name:
+        raise ValueError(f"{path!r} does not record its model; pass the model name")
+    if recorded and recorded != name:
+        raise ValueError(f"{path!r} holds a {recorded}, not a {name}; pass --model {recorded}")
+    if recorded:
+        kwargs = {**normalize_kwargs(meta.get("model_kwargs") or {}), **normalize_kwargs(model_kwargs)}
+        model = create_model(name, num_classes=int(meta["num_classes"]), model_kwargs=kwargs)
+        fit_checkpoint(model, state_dict, source=f"checkpoint {path!r}", meta=meta)
+    else:
+        key = classifier_key(create_model(name, num_classes=1, model_kwargs=model_kwargs))
+        n = int(state_dict[key].shape[0]) if key and key in state_dict else 1000
+        model = create_model(name, num_classes=n, model_kwargs=model_kwargs, pretrained_file=path)
+    return model.eval()

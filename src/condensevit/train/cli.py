@@ -1,0 +1,190 @@
+"""``condensevit train`` and ``condensevit eval``.
+
+Examples::
+
+    condensevit train --model deit_tiny_patch16_224 --model-kwargs img_size=64 patch_size=8 embed_dim=128 \\
+        depth=6 num_heads=4 --data digits --epochs 30 --output runs/deit_digits
+    torchrun --nproc_per_node 8 -m condensevit.cli train --model stvit_deit_small_patch16_224 \\
+        --data /data/imagenet --batch-size 128 --lr 5e-4 --epochs 300 --mixup 0.8 --cutmix 1.0 --model-ema
+    condensevit eval --checkpoint runs/lookup/last.safetensors --data digits --model-kwargs compressed_grid=3x3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_parser", "parse_model_kwargs", "config_from_args"]
+
+
+def parse_model_kwargs(items) -> dict:
+    """``--model-kwargs`` as a JSON object, or as ``key=value`` items (``grid=3x3`` -> (3, 3))."""
+    from ..cli import UsageError
+
+    if not items:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    text = " ".join(items).strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--model-kwargs is not valid JSON ({e.msg} at character {e.pos})") from e
+        if not isinstance(value, dict):
+            raise UsageError("--model-kwargs JSON must be an object such as '{\"img_size\": 64}'")
+        return value
+    from ..bench import parse_kwargs
+    out = {}
+    for item in items:
+        out.update(parse_kwargs(item))
+    return out
+
+
+def _scale(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scale {text!r} must be two numbers such as '0.08,1.0'") from None
+    return lo, hi
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--model", help="any registered model, ours or timm's (see `condensevit models`)")
+    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="model constructor arguments as key=value items (img_size=64 compressed_grid=3x3) "
+                        "or one JSON object")
+    p.add_argument("--data", default="digits", help="'digits' (embedded) or a folder holding train/ and val/")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=None, help="data loading processes (default: 0 on CPU)")
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+
+
+def add_parser(sub: argparse._SubParsersAction):
+    from .engine import TrainConfig
+    d = TrainConfig(model="")
+
+    p = sub.add_parser("train", help="train or fine-tune a model (one CPU, one GPU, or torchrun)",
+                       description="Train or fine-tune any registered model on the digits set or an "
+                                   "ImageFolder tree; launch with torchrun for several processes.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_common(p)
+    p.add_argument("--output", default=None, help="run folder (default: runs/MODEL)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--opt", default=d.opt, help="timm optimizer name")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--sched", default=d.sched, help="timm scheduler name")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    p.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
+    p.add_argument("--min-lr", type=float, default=d.min_lr)
+    p.add_argument("--clip-grad", type=_optional_float, default=None, help="gradient clipping norm (none: off)")
+    p.add_argument("--clip-mode", default=d.clip_mode, choices=("norm", "value", "agc"))
+    p.add_argument("--smoothing", type=float, default=d.smoothing, help="label smoothing")
+    p.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha (0: off)")
+    p.add_argument("--mixup-prob", type=float, default=d.mixup_prob)
+    p.add_argument("--mixup-switch-prob", type=float, default=d.mixup_switch_prob)
+    p.add_argument("--aa", default=None, help="RandAugment spec such as rand-m9-mstd0.5-inc1, or none "
+                                             "(default: the dataset's)")
+    p.add_argument("--hflip", type=float, default=None, help="flip probability (default: 0 for digits, 0.5 else)")
+    p.add_argument("--scale", type=_scale, default=None, help="random-resized-crop scale range, e.g. 0.08,1.0")
+    p.add_argument("--color-jitter", type=float, default=None)
+    p.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
+    p.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
+    p.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay)
+    p.add_argument("--amp-dtype", default=d.amp_dtype, choices=("float16", "bfloat16"), help="on CUDA")
+    p.add_argument("--teacher", default=None, help="teacher model name for knowledge distillation")
+    p.add_argument("--teacher-checkpoint", default=None, help="the teacher's trained weights")
+    p.add_argument("--teacher-kwargs", nargs="+", default=None, metavar="KEY=VALUE")
+    p.add_argument("--distillation-type", default=d.distillation_type, choices=("none", "soft", "hard"))
+    p.add_argument("--distillation-alpha", type=float, default=d.distillation_alpha)
+    p.add_argument("--distillation-tau", type=float, default=d.distillation_tau)
+    p.add_argument("--pretrained-file", default=None,
+                   help="initialise from these weights through the model's checkpoint filter")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="FILE|auto",
+                   help="continue a run: its folder, last.state.pth, or auto (OUTPUT/last.state.pth when present)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--limit-val-batches", type=int, default=None)
+    p.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between loss reads")
+    p.add_argument("--save-every-steps", type=int, default=None, help="also checkpoint inside epochs")
+    p.add_argument("--no-measure", dest="measure", action="store_false",
+                   help="skip GMACs and throughput in the summary")
+    p.add_argument("--throughput-batch-size", type=int, default=None)
+    p.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with unused branches")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    # test hooks
+    p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-weights-hash", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="top-1 / top-5 and loss of a checkpoint",
+                       description="Evaluate a checkpoint on the val split; --model-kwargs may change the "
+                                   "compressed grid or token count of the same weights.")
+    _add_common(e)
+    e.add_argument("--checkpoint", required=True, help="weights (.safetensors or .pth)")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--limit-batches", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_eval)
+
+
+def config_from_args(args):
+    from .engine import TrainConfig
+    from ..cli import UsageError
+    if not args.model:
+        raise UsageError("no model given; pass --model NAME (`condensevit models` lists ours)")
+    return TrainConfig(
+        model=args.model, data=args.data, model_kwargs=parse_model_kwargs(args.model_kwargs), output=args.output,
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, opt=args.opt,
+        lr=args.lr, weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+        smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, mixup_prob=args.mixup_prob,
+        mixup_switch_prob=args.mixup_switch_prob, aa=args.aa, hflip=args.hflip, scale=args.scale,
+        color_jitter=args.color_jitter, reprob=args.reprob, model_ema=args.model_ema,
+        model_ema_decay=args.model_ema_decay, amp=args.amp, amp_dtype=args.amp_dtype, teacher=args.teacher,
+        teacher_checkpoint=args.teacher_checkpoint, teacher_kwargs=parse_model_kwargs(args.teacher_kwargs),
+        distillation_type=args.distillation_type, distillation_alpha=args.distillation_alpha,
+        distillation_tau=args.distillation_tau, pretrained_file=args.pretrained_file, resume=args.resume,
+        seed=args.seed, workers=args.workers, device=args.device, strict=args.strict,
+        max_steps_per_epoch=args.max_steps_per_epoch, limit_val_batches=args.limit_val_batches,
+        log_interval=args.log_interval, save_every_steps=args.save_every_steps, measure=args.measure,
+        throughput_batch_size=args.throughput_batch_size, find_unused_parameters=args.find_unused_parameters,
+        progress=args.progress, verbose=not args.quiet, debug_nan_at_step=args.debug_nan_at_step,
+        debug_stop_at_step=args.debug_stop_at_step, debug_weights_hash=args.debug_weights_hash)
+
+
+def _cmd_train(args) -> int:
+    from .engine import NonFiniteLossError, train
+    cfg = config_from_args(args)
+    try:
+        train(cfg)
+    except NonFiniteLossError as e:
+        print(f"condensevit train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .engine import evaluate_checkpoint
+    stats = evaluate_checkpoint(args.checkpoint, args.data, model=args.model,
+                                model_kwargs=parse_model_kwargs(args.model_kwargs), batch_size=args.batch_size,
+                                device=args.device, workers=args.workers, strict=args.strict, amp=args.amp,
+                                limit_batches=args.limit_batches)
+    if args.json:
+        print(json.dumps(stats, default=list))
+    else:
+        kw = f" {stats['model_kwargs']}" if stats["model_kwargs"] else ""
+        print(f"{stats['model']}{kw} on {stats['data']} ({stats['images']} images): top-1 {stats['top1']:.2f}  "
+              f"top-5 {stats['top5']:.2f}  loss {stats['loss']:.4f}")
+    return 0

@@ -216,3 +216,18 @@ def test_unknown_model_and_bad_kwargs_are_clear_errors(tmp_path, capsys):
     assert main(["train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "{bad", "--output",
                  str(tmp_path / "b")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,trained_kw,eval_kw", [
+    ("lookupvit_tiny_patch16_224", dict(compressed_grid=(3, 3)), dict(compressed_grid=(2, 2))),
+    ("stvit_deit_tiny_patch16_224", dict(stgm_start=1, num_semantic_tokens=4), dict(num_semantic_tokens=1)),
+])
+def test_eval_runs_a_checkpoint_at_another_grid_or_token_count(tmp_path, model, trained_kw, eval_kw):
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    r = train(TrainConfig(model=model, model_kwargs=dict(kw, **trained_kw), output=str(tmp_path), epochs=1,
+                          batch_size=8, max_steps_per_epoch=2, limit_val_batches=1, measure=False, progress=False,
+                          verbose=False))
+    same = evaluate_checkpoint(r.checkpoint, "digits", limit_batches=1)
+    other = evaluate_checkpoint(r.checkpoint, "digits", model_kwargs=eval_kw, limit_batches=1)
+    assert 0 <= other["top1"] <= 100 and other["input_size"] == same["input_size"] == [3, 32, 32]
+    assert other["model_kwargs"] == dict(kw, **{**trained_kw, **eval_kw}) and other["images"] == same["images"]

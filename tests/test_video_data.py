@@ -270,3 +270,89 @@ def test_clip_folder_bad_arguments_are_value_errors(tmp_path):
         args = dict(dict(split="train", num_frames=4, size=16), **kw)
         with pytest.raises(ValueError, match=match):
             ClipFolder(tmp_path, **args)
+
+
+# ------------------------------------------------------------------------- build_dataset
+def test_is_video_data_tells_clips_from_images(tmp_path):
+    from condensevit.data import is_video_data
+    assert is_video_data("moving_digits") and is_video_data("moving_digits_direction")
+    assert not is_video_data("digits") and not is_video_data(str(tmp_path / "missing"))
+    clips = make_tree(tmp_path / "clips", frames=2)
+    assert is_video_data(str(clips)) and is_video_data(clips)
+    images = tmp_path / "images"
+    for split in ("train", "val"):
+        os.makedirs(images / split / "cat")
+        Image.new("RGB", (8, 8)).save(images / split / "cat" / "0.png")
+    assert not is_video_data(str(images))
+    gifs = tmp_path / "gifs" / "train" / "cat"
+    os.makedirs(gifs)
+    Image.new("RGB", (8, 8)).save(gifs / "clip.gif")
+    assert is_video_data(str(tmp_path / "gifs"))
+    # the prefixes decide whatever the folder holds
+    assert is_video_data(f"clips:{images}") and not is_video_data(f"images:{clips}")
+
+
+def test_build_dataset_sizes_the_video_sets_for_the_model():
+    from condensevit.data import build_dataset
+    ds = build_dataset("moving_digits_direction", "val", input_size=(3, 4, 32, 32),
+                       data_config=dict(mean=MEAN, std=STD))
+    assert isinstance(ds, MovingDigits) and ds.classes == list(DIRECTIONS[8])
+    x, _ = ds[0]
+    assert x.shape == (3, 4, 32, 32)
+    torch.testing.assert_close(denorm(x[0]), torch.from_numpy(ds.frames(0)).float() / 255)
+    default = build_dataset("moving_digits", "val")
+    assert default.classes == list("0123456789") and default[0][0].shape == (3, 16, 64, 64)
+    small = build_dataset("moving_digits", "val", input_size=(3, 2, 16, 16))   # smaller digits fit the canvas
+    assert small[0][0].shape == (3, 2, 16, 16)
+    with pytest.raises(ValueError, match="square"):
+        build_dataset("moving_digits", "val", input_size=(3, 4, 32, 48))
+    with pytest.raises(ValueError, match=r"must be \(C, T, H, W\)"):
+        build_dataset("moving_digits", "val", input_size=(3, 32, 32))
+
+
+def test_build_dataset_reads_clip_folders_and_skips_short_clips_unless_strict(tmp_path):
+    from condensevit.data import build_dataset
+    make_tree(tmp_path, frames=6)
+    write_frames(tmp_path / "train" / "dog" / "short", 2)
+    ds = build_dataset(str(tmp_path), "train", input_size=(3, 4, 16, 20), data_config=dict(mean=MEAN, std=STD))
+    assert isinstance(ds, ClipFolder) and ds.classes == ["cat", "dog"] and ds.num_skipped == 1
+    assert ds[0][0].shape == (3, 4, 16, 20) and ds.mean == MEAN
+    with pytest.raises(ValueError, match="fewer than num_frames=4"):
+        build_dataset(f"clips:{tmp_path}", "train", input_size=(3, 4, 16, 16), strict=True)
+
+
+def test_images_prefix_reads_class_folders_of_image_folders_as_images(tmp_path):
+    from condensevit.data import ImageFolderDataset, build_dataset
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / split / "cat" / "album")
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "cat" / "album" / "0.png")
+    assert isinstance(build_dataset(str(tmp_path), "val", input_size=(3, 1, 8, 8)), ClipFolder)
+    ds = build_dataset(f"images:{tmp_path}", "val")
+    assert isinstance(ds, ImageFolderDataset) and len(ds) == 1
+
+
+def test_model_input_size_of_a_video_model_keeps_the_frames():
+    from condensevit.data import build_transform, model_input_size
+    from condensevit.train.engine import _input_size
+    m = timm.create_model("lookupvit_video_tiny_patch2x16_224", img_size=32, num_frames=4, patch_size=8,
+                          embed_dim=32, depth=1, num_heads=2, compressed_grid=(1, 2, 2))
+    assert model_input_size(m) == (3, 4, 32, 32)
+    assert _input_size(m, dict(img_size=32, num_frames=4)) == (3, 4, 32, 32)
+    assert _input_size(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1),
+                       dict(img_size=32)) == (3, 32, 32)
+    with pytest.raises(ValueError, match="not an image size"):
+        build_transform("moving_digits", False, (3, 4, 32, 32))
+
+
+def test_load_clip_reads_one_frame_folder_as_clip_folder_does(tmp_path):
+    from condensevit.data import load_clip
+    make_tree(tmp_path, frames=12)
+    frames = load_clip(tmp_path / "train" / "cat" / "clip0", 4, (24, 32))
+    x, _ = ClipFolder(tmp_path, "train", num_frames=4, size=(24, 32), mean=MEAN, std=STD)[0]
+    torch.testing.assert_close(frames.permute(1, 0, 2, 3), denorm(x))
+    with pytest.raises(ValueError, match="fewer than the 16"):
+        load_clip(tmp_path / "train" / "cat" / "clip0", 16, 24)
+    with pytest.raises(ValueError, match="is not a clip"):
+        load_clip(tmp_path / "train" / "cat" / "clip0" / "frame_1.png", 1, 24)
+    with pytest.raises(FileNotFoundError, match="clip not found"):
+        load_clip(tmp_path / "nope", 1, 24)

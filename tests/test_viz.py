@@ -123,3 +123,26 @@ def test_models_with_token_maps_lists_the_condensing_families():
     names = models_with_token_maps()
     assert "stvit_deit_small_patch16_224" in names and "lookupvit_base_patch16_224" in names
     assert "stvit_r_swin_small_patch4_window7_224" in names
+
+
+def test_viz_rebuilds_a_trained_image_model_from_its_checkpoint(tmp_path, capsys):
+    from condensevit.train.checkpoint import load_model_for_inference
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_semantic_tokens=4, stgm_start=0)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "stvit_deit_tiny_patch16_224", "--model-kwargs",
+                 *[f"{k}={v}" for k, v in kw.items()], "--epochs", "1", "--max-steps-per-epoch", "1",
+                 "--batch-size", "4", "--limit-val-batches", "1", "--no-measure", "--quiet", "--no-progress",
+                 "--output", str(run)]) == 0
+    ckpt = str(run / "last.safetensors")
+    model = load_model_for_inference(None, ckpt)
+    n_kinds = len(token_maps(model, torch.randn(1, 3, 32, 32)).maps)   # the model takes 32x32, not 224
+    # with and without --model, never --model-kwargs: the checkpoint records the model and its kwargs
+    for args in (["--model", "stvit_deit_tiny_patch16_224"], []):
+        out = tmp_path / f"v{len(args)}.png"
+        assert main(["viz", *args, "--checkpoint", ckpt, "--image", "sample:flower", "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+        assert "center_pool (4, 4, 4)" in capsys.readouterr().out
+        with Image.open(out) as im:
+            assert im.size == figure_size(n_kinds, 4)
+    assert main(["viz", "--image", "sample:flower", "--out", str(tmp_path / "o.png")]) == 2
+    assert "no model given" in capsys.readouterr().err

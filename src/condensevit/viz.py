@@ -4,6 +4,13 @@
 (B, tokens, H_patches, W_patches) plus an "owner" map (B, H_patches, W_patches): which token
 claims each patch. ``render(...)`` draws them over the image: a grid of small overlays per map kind
 and one combined colour map. ``condensevit viz`` does both from the command line.
+
+Video models (:mod:`condensevit.models.video`) take clips (B, C, T, H, W); their maps are
+(B, tokens, T', H_patches, W_patches) over the tubelet grid and the owner map (B, T', H_patches,
+W_patches). ``TokenMaps.time_slice(t)`` takes the maps of tubelet slice ``t`` (each map still a share
+of the whole clip), which ``render`` draws over a frame of that slice (:func:`slice_frame`);
+``condensevit viz --frame T'`` picks the slice (default the middle one), ``--image`` then being
+``sample:moving_digits``, a folder of frame images or a video file.
 """
 from __future__ import annotations
 
@@ -16,17 +23,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TokenMaps", "token_maps", "load_image", "render", "add_parser", "models_with_token_maps"]
+__all__ = ["TokenMaps", "token_maps", "load_image", "load_clip_input", "slice_frame", "render", "figure_size",
+           "add_parser", "models_with_token_maps"]
 
 
 @dataclass
 class TokenMaps:
     """Maps of one batch. ``maps``: name -> (B, tokens, Hp, Wp), each token's map summing to 1 over
     the image tokens; ``owner``: (B, Hp, Wp) index of the token that claims each patch;
-    ``owner_title`` says what claims means for this model."""
+    ``owner_title`` says what claims means for this model. For a video model the maps are
+    (B, tokens, T', Hp, Wp), each summing to 1 over all tubelets of the clip, and ``owner`` is
+    (B, T', Hp, Wp)."""
     maps: dict[str, torch.Tensor]
     owner: torch.Tensor
     owner_title: str
+
+    @property
+    def is_video(self) -> bool:
+        return self.owner.dim() == 4
+
+    @property
+    def num_time_slices(self) -> int:
+        """T', the tubelet slices along time (1 for images)."""
+        return int(self.owner.shape[1]) if self.is_video else 1
+
+    def time_slice(self, t: int) -> "TokenMaps":
+        """The maps of tubelet slice ``t`` (negative counts from the end) of video maps, as image maps
+        (B, tokens, Hp, Wp) for :func:`render`; each map keeps its share of the whole clip (it sums to
+        1 over the clip, not over the slice: a token that looks elsewhere in time is dark here)."""
+        if not self.is_video:
+            raise ValueError("these are image maps: they have no time axis to slice")
+        n = self.num_time_slices
+        if isinstance(t, bool) or not isinstance(t, int) or not -n <= t < n:
+            raise ValueError(f"time slice {t!r} is out of range: the clip has {n} tubelet slices (0..{n - 1})")
+        return TokenMaps(maps={k: v[:, :, t] for k, v in self.maps.items()}, owner=self.owner[:, t],
+                         owner_title=self.owner_title)
 
 
 def _unwrap(model):
@@ -47,10 +78,11 @@ def models_with_token_maps() -> list[str]:
 
 
 def token_maps(model, images: torch.Tensor, **kwargs) -> TokenMaps:
-    """The token maps of ``model`` for ``images`` (B, C, H, W), computed without gradients.
+    """The token maps of ``model`` for ``images`` (B, C, H, W), or for clips (B, C, T, H, W) when
+    ``model`` is a video model (the maps then have a T' axis), computed without gradients.
 
     Extra keyword arguments go to the model's ``token_maps`` (e.g. ``compressed_grid=(3, 3)`` for
-    LookupViT, ``unit=1`` for STViT-R)."""
+    LookupViT, ``(t, h, w)`` for its video form, ``unit=1`` for STViT-R)."""
     m = _unwrap(model)
     if not hasattr(m, "token_maps"):
         raise ValueError(
@@ -64,12 +96,15 @@ def token_maps(model, images: torch.Tensor, **kwargs) -> TokenMaps:
     finally:
         m.train(was_training)
     maps = {}
+    rank = images.dim()  # (B, tokens, Hp, Wp) maps for images, (B, tokens, T', Hp, Wp) for clips
     for k, v in out.items():
-        if torch.is_tensor(v) and v.dim() == 4 and v.is_floating_point():
-            # every token's map as a distribution over the image tokens
-            maps[k] = v / v.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+        if torch.is_tensor(v) and v.dim() == rank and v.is_floating_point():
+            # every token's map as a distribution over the image (or clip) tokens
+            dims = tuple(range(2, rank))
+            maps[k] = v / v.sum(dims, keepdim=True).clamp_min(1e-12)
     if not maps:
-        raise ValueError(f"{type(m).__name__}.token_maps returned no (B, tokens, H, W) maps")
+        shape = "(B, tokens, H, W)" if rank == 4 else "(B, tokens, T, H, W)"
+        raise ValueError(f"{type(m).__name__}.token_maps returned no {shape} maps")
     owner = out.get("owner", out.get("scatter_argmax"))
     title = out.get("owner_title") or (
         "compressed token each patch reads most (scatter)" if "scatter_argmax" in out
@@ -99,6 +134,67 @@ def load_image(path_or_array, size: tuple[int, int], mean, std) -> tuple[torch.T
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     return x.unsqueeze(0), rgb
+
+
+def _is_clip_spec(spec, gif_is_clip: bool = False) -> bool:
+    """Whether ``--image`` names a clip: sample:moving_digits[:N], a folder, or a video file (a GIF
+    only with ``gif_is_clip``: PIL also reads it as an image)."""
+    if isinstance(spec, np.ndarray):
+        return spec.ndim == 4
+    from .data.video import VIDEO_EXTENSIONS
+    text = os.fspath(spec)
+    if text.startswith("sample:"):
+        return text.split(":", 2)[1].startswith("moving_digits")
+    lower = text.lower()
+    return os.path.isdir(text) or (lower.endswith(VIDEO_EXTENSIONS) and (gif_is_clip or not lower.endswith(".gif")))
+
+
+def load_clip_input(spec, input_size, mean, std) -> tuple[torch.Tensor, np.ndarray]:
+    """A clip for a video model of ``input_size`` (C, T, H, W): the normalised tensor (1, C, T, H, W)
+    and the RGB frames (T, H, W, 3) uint8 for drawing.
+
+    ``spec``: ``sample:moving_digits`` (clip 0 of the moving digits' val split, made at the model's
+    size) or ``sample:moving_digits:N`` (clip N), a folder of frame images, a video file, or a
+    (T, H, W, 3) uint8 array. Frames are sampled and sized as :class:`~condensevit.data.video.ClipFolder`
+    does."""
+    from .data.video import MovingDigits, load_clip, normalise_clip
+    _, T, H, W = (int(s) for s in input_size)
+    if isinstance(spec, np.ndarray):
+        if spec.ndim != 4 or spec.shape[-1] != 3 or spec.shape[0] < T:
+            raise ValueError(f"a clip array must be (T, H, W, 3) uint8 with at least {T} frames, not {spec.shape}")
+        from .data.video import _resize_cover, sample_indices
+        frames = torch.from_numpy(np.ascontiguousarray(spec[sample_indices(spec.shape[0], T)])).permute(0, 3, 1, 2)
+        frames = _resize_cover(frames.float() / 255.0, (H, W))
+    elif os.fspath(spec).startswith("sample:"):
+        parts = os.fspath(spec).split(":")
+        if parts[1] not in ("moving_digits", "moving_digits_direction") or len(parts) > 3:
+            raise ValueError(f"no sample clip {spec!r}; use sample:moving_digits or sample:moving_digits:N (clip N)")
+        if H != W:
+            raise ValueError(f"moving digits are square but the model takes {H}x{W} frames; give a clip folder or "
+                             "video file, or build the model with a square img_size")
+        if H < 9 or T < 2:
+            raise ValueError(f"moving digits need at least 2 frames of 9x9 pixels; the model takes {T} of {H}x{W}")
+        digit = {} if H >= 25 else dict(digit_size=(8, max(8, H // 2)))
+        ds = MovingDigits("val", num_frames=T, size=H, **digit)
+        try:
+            index = int(parts[2]) if len(parts) == 3 else 0
+        except ValueError:
+            raise ValueError(f"sample clip {spec!r}: the clip index must be a number") from None
+        if not 0 <= index < len(ds):
+            raise ValueError(f"sample clip {spec!r}: the index must lie in 0..{len(ds) - 1}")
+        frames = torch.from_numpy(ds.frames(index)).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+    else:
+        frames = load_clip(spec, T, (H, W))
+    x = normalise_clip(frames, mean, std).unsqueeze(0)
+    rgb = (frames.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return x, rgb
+
+
+def slice_frame(t: int, num_slices: int, num_frames: int) -> int:
+    """The frame drawn under tubelet slice ``t`` of ``num_slices``: the middle of the slice's
+    ``num_frames / num_slices`` frames (the earlier of the two middle ones for an even count)."""
+    per = num_frames // num_slices
+    return (t % num_slices) * per + (per - 1) // 2
 
 
 def _upsample(m: torch.Tensor, size) -> np.ndarray:
@@ -185,6 +281,19 @@ def _parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _parse_grid(text: str, video: bool) -> tuple[int, ...]:
+    """--grid: HxW for images, TxHxW for video models."""
+    if not video:
+        return _parse_size(text)
+    try:
+        parts = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p)
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise ValueError(f"--grid {text!r}: a video model's compressed grid is TxHxW, e.g. 2x3x3")
+    return parts
+
+
 def _sample_image(spec: str) -> np.ndarray:
     from sklearn.datasets import load_sample_image
     name = spec.split(":", 1)[1] or "china.jpg"
@@ -195,12 +304,23 @@ def _sample_image(spec: str) -> np.ndarray:
         raise ValueError(f"no sample image {name!r}; scikit-learn ships sample:china and sample:flower") from e
 
 
+def _model_label(args, model) -> str:
+    if args.model:
+        return args.model
+    cfg = getattr(_unwrap(model), "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(_unwrap(model)).__name__
+
+
 def _cmd_viz(args) -> int:
     import timm
     from .bench import parse_kwargs
     from . import models as _  # noqa: F401  (registers the models)
     from .bench import _check_model_name
-    _check_model_name(args.model)
+    from .data import model_input_size
+    if args.model:
+        _check_model_name(args.model)
+    elif not args.checkpoint:
+        raise ValueError("no model given; pass --model NAME, or --checkpoint of a training run (it records its model)")
     kwargs = parse_kwargs(args.model_kwargs or [])
     if args.size:
         kwargs.setdefault("img_size", _parse_size(args.size))
@@ -209,39 +329,72 @@ def _cmd_viz(args) -> int:
         model = load_model_for_inference(args.model, args.checkpoint, **kwargs)
     else:
         model = timm.create_model(args.model, **kwargs)
+    name = _model_label(args, model)
     m = _unwrap(model)
     if not hasattr(m, "token_maps"):
-        raise ValueError(f"{args.model} has no condensed tokens to show; pick one of: "
+        raise ValueError(f"{name} has no condensed tokens to show; pick one of: "
                          + ", ".join(models_with_token_maps()))
     cfg = m.pretrained_cfg
-    size = _parse_size(args.size) if args.size else tuple(cfg.get("input_size", (3, 224, 224))[-2:])
-    img = _sample_image(args.image) if args.image.startswith("sample:") else args.image
-    x, rgb = load_image(img, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3))
+    input_size = tuple(model_input_size(m))
+    video = len(input_size) == 4
+    if args.size:
+        input_size = (*input_size[:-2], *_parse_size(args.size))
+    mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
+    is_clip = _is_clip_spec(args.image, gif_is_clip=video)
+    if video and not is_clip:
+        raise ValueError(f"{name} takes clips (C, T, H, W) but {args.image!r} is an image; give sample:moving_digits, "
+                         "a folder of frame images or a video file")
+    if not video and is_clip:
+        raise ValueError(f"{name} takes images (C, H, W) but {args.image!r} is a clip; give an image file or "
+                         "sample:china, or a video model (stvit_video_*, lookupvit_video_*)")
+    if not video and args.frame is not None:
+        raise ValueError(f"--frame picks a tubelet slice of a video model's maps; {name} takes images")
+    if video:
+        x, frames = load_clip_input(args.image, input_size, mean, std)
+    else:
+        x, rgb = load_image(_sample_image(args.image) if args.image.startswith("sample:") else args.image,
+                            input_size[-2:], mean, std)
     map_kwargs = {}
     if args.grid:
-        map_kwargs["compressed_grid"] = _parse_size(args.grid)
+        map_kwargs["compressed_grid"] = _parse_grid(args.grid, video)
     if args.unit is not None:
         map_kwargs["unit"] = args.unit
     tm = token_maps(model, x, **map_kwargs)
-    title = args.model + (f" ({os.path.basename(args.checkpoint)})" if args.checkpoint else " (untrained)")
+    title = name + (f" ({os.path.basename(args.checkpoint)})" if args.checkpoint else " (untrained)")
+    shapes = ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in tm.maps.items())
+    where = ""
+    if video:
+        n = tm.num_time_slices
+        t = n // 2 if args.frame is None else args.frame
+        if not 0 <= t < n:
+            raise ValueError(f"--frame {t} is out of range: the maps have {n} tubelet slices (0..{n - 1})")
+        f = slice_frame(t, n, input_size[1])
+        tm, rgb = tm.time_slice(t), frames[f]
+        title += f", t'={t}/{n}, frame {f}"
+        where = f" at tubelet slice {t} of {n} (frame {f} of {input_size[1]})"
     w, h = render(rgb, tm, args.out, max_tokens=args.max_tokens, title=title)
-    print(f"wrote {args.out} ({w}x{h} px): " + ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in tm.maps.items()))
+    print(f"wrote {args.out} ({w}x{h} px){where}: {shapes}")
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction):
     p = sub.add_parser(
-        "viz", help="draw what the few tokens see (token maps) over an image",
+        "viz", help="draw what the few tokens see (token maps) over an image or a frame of a clip",
         description="STViT: each semantic token's initial pooling and its attention in the token generation "
                     "layers; STViT-R: the per-window semantic tokens of one stage-3 unit; LookupViT: each "
-                    "compressed token's gather attention and which compressed token each patch reads most.")
-    p.add_argument("--model", required=True)
+                    "compressed token's gather attention and which compressed token each patch reads most. "
+                    "Video models: the same maps over one tubelet slice (--frame), drawn on a frame of it.")
+    p.add_argument("--model", default=None,
+                   help="model name (required unless --checkpoint is a training output, which records it)")
     p.add_argument("--checkpoint", default=None, help="weights to load (training output or a pretrained file)")
     p.add_argument("--image", required=True,
-                   help="an image file, or sample:china / sample:flower (scikit-learn's photographs)")
+                   help="an image file, or sample:china / sample:flower (scikit-learn's photographs); for video "
+                        "models a clip: sample:moving_digits[:N], a folder of frame images or a video file")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--size", default=None, help="HxW to run the model at (default: its input size)")
-    p.add_argument("--grid", default=None, help="LookupViT: compressed grid HxW for this picture")
+    p.add_argument("--frame", type=int, default=None,
+                   help="video models: the tubelet slice T' to draw (default: the middle one)")
+    p.add_argument("--grid", default=None, help="LookupViT: compressed grid HxW (TxHxW for video) for this picture")
     p.add_argument("--unit", type=int, default=None, help="STViT-R: which stage-3 unit to show")
     p.add_argument("--max-tokens", type=int, default=16, help="small overlays per map kind")
     p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE")

@@ -1,42 +1,154 @@
-"""Datasets and transforms: the embedded ``digits`` set and ImageFolder trees, with timm's transforms.
+"""Datasets and transforms: the embedded ``digits`` set and ImageFolder trees, with timm's transforms,
+and the video sets (:mod:`condensevit.data.video`): the embedded moving digits and folders of clips.
 
-``build_dataset('digits' | PATH, split)`` returns a dataset of (image, label) with ``classes``,
-``targets`` and ``num_skipped``. The name ``digits`` always means the embedded set; write
-``./digits`` for a folder of that name.
+``build_dataset(NAME | PATH, split)`` returns a dataset of (image, label) or, for video data,
+((C, T, H, W) clip, label), with ``classes``, ``targets`` and ``num_skipped``. Names:
+
+* ``digits``: the embedded images (scikit-learn's handwritten digits);
+* ``moving_digits`` / ``moving_digits_direction``: the embedded clips of a moving digit, labelled
+  by the digit / by the direction of motion (:class:`~condensevit.data.video.MovingDigits`);
+* ``PATH``: an ImageFolder tree (``PATH/{train,val}/<class>/<image>``) or a folder of clips
+  (``PATH/{train,val}/<class>/<clip>``, a clip being a folder of frames or a video file), told
+  apart by the first class folder holding either: image files directly in it mean images,
+  sub-folders or video files mean clips (:func:`is_video_data`);
+* ``clips:PATH`` / ``images:PATH``: the folder read as clips / as images, whatever it holds (an
+  ImageFolder tree whose class folders hold only sub-folders of images needs ``images:``).
+
+A name always means the embedded set; write ``./digits`` for a folder of that name. Video sets are
+decoded, sampled, resized and normalised by the data set itself (no transform, no augmentation in
+this version); :func:`build_dataset` sizes them with ``input_size=(C, T, H, W)``.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from .digits import DIGITS_CANVAS, DigitsDataset, render_digits
 from .folder import IMG_EXTENSIONS, ImageFolderDataset, find_classes
+from .video import VIDEO_EXTENSIONS, ClipFolder, MovingDigits, load_clip, normalise_clip
 
 __all__ = [
     "build_dataset", "build_transform", "AugmentConfig", "default_augment", "SeededAugmentation",
     "DigitsDataset", "ImageFolderDataset", "render_digits", "find_classes", "IMG_EXTENSIONS",
-    "model_input_size",
+    "model_input_size", "is_video_data", "ClipFolder", "MovingDigits", "load_clip", "normalise_clip",
+    "VIDEO_EXTENSIONS", "VIDEO_DATASETS", "EMBEDDED",
 ]
 
-EMBEDDED = ("digits",)
+VIDEO_DATASETS = {"moving_digits": "digit", "moving_digits_direction": "direction"}   # name -> label
+EMBEDDED = ("digits", *VIDEO_DATASETS)
+CLIPS_PREFIX, IMAGES_PREFIX = "clips:", "images:"
+DEFAULT_VIDEO_SIZE = {"moving_digits": (3, 16, 64, 64), "folder": (3, 16, 224, 224)}   # (C, T, H, W)
+
+
+def _looks_like_clips(root: str) -> bool:
+    """Whether the folder tree ``root`` holds clips: the first class folder (of train/, else val/)
+    holding image files or clips decides; image files directly in it mean an ImageFolder tree,
+    sub-folders or video files mean clips."""
+    for split in ("train", "val"):
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            continue
+        try:
+            classes = sorted(e.path for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+            for cdir in classes:
+                clips = False
+                for e in os.scandir(cdir):
+                    if e.name.startswith("."):
+                        continue
+                    name = e.name.lower()
+                    if e.is_file() and name.endswith(IMG_EXTENSIONS):
+                        return False
+                    if e.is_dir() or (e.is_file() and name.endswith(VIDEO_EXTENSIONS)):
+                        clips = True
+                if clips:
+                    return True
+        except OSError:
+            return False
+        return False
+    return False
+
+
+def is_video_data(name_or_path) -> bool:
+    """Whether ``build_dataset(name_or_path)`` gives clips (C, T, H, W) rather than images: the
+    embedded ``moving_digits`` sets, ``clips:PATH``, and folders whose class folders hold clips
+    (sub-folders of frames or video files) rather than images. A path that does not exist is not
+    video (building it then says what is missing)."""
+    name = os.fspath(name_or_path)
+    if name in VIDEO_DATASETS or name.startswith(CLIPS_PREFIX):
+        return True
+    if name == "digits" or name.startswith(IMAGES_PREFIX):
+        return False
+    return _looks_like_clips(name)
+
+
+def _video_size(input_size, default) -> tuple[int, int, int, int]:
+    size = tuple(default if input_size is None else input_size)
+    if len(size) != 4 or any(isinstance(s, bool) or int(s) != s or s < 1 for s in size):
+        raise ValueError(f"input_size {tuple(size)} of video data must be (C, T, H, W), e.g. (3, 16, 224, 224); "
+                         "a video model's input_size says it")
+    size = tuple(int(s) for s in size)
+    if size[0] != 3:
+        raise ValueError(f"input_size {size} asks for {size[0]} channels; the video sets give RGB clips (3)")
+    return size
+
+
+def _build_video_dataset(name: str, split: str, transform, *, strict: bool, seed: int, input_size,
+                         data_config: dict | None) -> Dataset:
+    cfg = dict(data_config or {})
+    norm = dict(mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)))
+    if name in VIDEO_DATASETS:
+        _, T, H, W = _video_size(input_size, DEFAULT_VIDEO_SIZE["moving_digits"])
+        if H != W:
+            raise ValueError(f"{name} clips are square but the input size is {H}x{W}; build the model with a square "
+                             "img_size")
+        if H < 9:
+            raise ValueError(f"{name} needs frames of at least 9x9 pixels, not {H}x{W}; build the model with a larger "
+                             "img_size")
+        if T < 2:
+            raise ValueError(f"{name} needs at least 2 frames per clip (motion needs two), not {T}; build the model "
+                             "with num_frames >= 2")
+        # the default digit sides (16-24 px) fit canvases from 25 px; smaller canvases get smaller digits
+        digit = {} if H >= 25 else dict(digit_size=(8, max(8, H // 2)))
+        return MovingDigits(split, num_frames=T, size=H, label=VIDEO_DATASETS[name], seed=seed, transform=transform,
+                            **digit, **norm)
+    root = name[len(CLIPS_PREFIX):] if name.startswith(CLIPS_PREFIX) else name
+    _, T, H, W = _video_size(input_size, DEFAULT_VIDEO_SIZE["folder"])
+    return ClipFolder(root, split, num_frames=T, size=(H, W), transform=transform,
+                      short_clips="error" if strict else "skip", **norm)
 
 
 def build_dataset(name_or_path: str, split: str = "train", transform=None, *, strict: bool = False,
-                  seed: int = 0, check_images: bool = True) -> Dataset:
-    """The ``split`` ('train' or 'val') of the embedded set ``name_or_path`` or of an ImageFolder tree.
+                  seed: int = 0, check_images: bool = True, input_size=None,
+                  data_config: dict | None = None) -> Dataset:
+    """The ``split`` ('train' or 'val') of an embedded set, an ImageFolder tree or a folder of clips
+    (the names are in the module's docstring; :func:`is_video_data` tells which give clips).
 
-    ``seed`` fixes the digits set's rendering and split (and nothing for folders); ``strict`` turns
-    skipped unreadable images into an error.
+    ``seed`` fixes the embedded sets' rendering and split (and nothing for folders); ``strict`` turns
+    skipped unreadable images, and clips with fewer frames than asked, into an error.
+
+    Video sets only: ``input_size`` (C, T, H, W), a video model's ``input_size``, gives the frames
+    sampled per clip and their size (default 16 frames of 64x64 for the moving digits, 16 of
+    224x224 for folders); ``data_config`` (timm's ``resolve_data_config`` of the model) the mean
+    and std (default ImageNet's); ``transform`` then applies to the normalised clip tensor. Image
+    sets ignore both (their size and normalisation come with the transform, :func:`build_transform`).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r} must be 'train' or 'val'")
-    if name_or_path == "digits":
+    name = os.fspath(name_or_path)
+    if name == "digits":
         return DigitsDataset(split, transform, seed=seed)
-    return ImageFolderDataset(name_or_path, split, transform, strict=strict, check_images=check_images)
+    if is_video_data(name):
+        return _build_video_dataset(name, split, transform, strict=strict, seed=seed, input_size=input_size,
+                                    data_config=data_config)
+    if name.startswith(IMAGES_PREFIX):
+        name = name[len(IMAGES_PREFIX):]
+    return ImageFolderDataset(name, split, transform, strict=strict, check_images=check_images)
 
 
 @dataclass
@@ -62,9 +174,13 @@ def default_augment(name_or_path: str) -> AugmentConfig:
                          crop_pct=None)
 
 
-def model_input_size(model) -> tuple[int, int, int]:
-    """(C, H, W) the model was built for. timm keeps the pretrained config's size (224) even when a
-    model is built with ``img_size=64``, so the patch embedding is asked first."""
+def model_input_size(model) -> tuple[int, ...]:
+    """(C, H, W) the model was built for, or (C, T, H, W) for a video model (one with a 4-tuple
+    ``input_size``, as :mod:`condensevit.models.video`'s have). timm keeps the pretrained config's
+    size (224) even when a model is built with ``img_size=64``, so the patch embedding is asked first."""
+    own = getattr(model, "input_size", None)
+    if isinstance(own, (tuple, list)) and len(own) == 4:
+        return tuple(int(s) for s in own)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     chans = int((cfg.get("input_size") or (3,))[0])
     pe = getattr(model, "patch_embed", None)
@@ -84,6 +200,9 @@ def build_transform(name_or_path: str, is_training: bool, input_size, *, data_co
     from ``data_config`` (timm's ``resolve_data_config`` of the model) when given."""
     from timm.data import create_transform
 
+    if len(tuple(input_size)) != 3:
+        raise ValueError(f"input_size {tuple(input_size)} is not an image size (C, H, W); video sets read, size and "
+                         "normalise their clips themselves (build_dataset(..., input_size=(C, T, H, W)))")
     cfg = dict(data_config or {})
     default = default_augment(name_or_path)
     aug = augment or default

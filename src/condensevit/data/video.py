@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 from .folder import IMG_EXTENSIONS, find_classes
 
 __all__ = [
-    "ClipFolder", "MovingDigits", "sample_indices", "read_video", "video_backends", "VIDEO_EXTENSIONS",
+    "ClipFolder", "MovingDigits", "sample_indices", "read_video", "video_backends", "load_clip", "normalise_clip",
+    "VIDEO_EXTENSIONS",
     "DIRECTIONS",
 ]
 
@@ -154,6 +155,88 @@ def read_video(path: str) -> Tensor:
                          "re-encode it or remove it") from e
 
 
+# ------------------------------------------------------------------------------- one clip
+def _frame_files(folder: str) -> list[str]:
+    """The frame images of a clip folder, sorted by name with numbers compared as numbers."""
+    names = sorted((f.name for f in os.scandir(folder)
+                    if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(IMG_EXTENSIONS)),
+                   key=_natural_key)
+    return [os.path.join(folder, n) for n in names]
+
+
+def _read_frame_files(clip: str, paths: Sequence[str]) -> Tensor:
+    """Frame images as (T, 3, H, W) uint8; unreadable frames and mixed sizes are errors naming them."""
+    frames = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
+            raise ValueError(f"unreadable frame {p!r} in clip {clip!r} ({type(e).__name__}: {str(e)[:120]}); "
+                             "replace or remove it (or the clip)") from e
+        if frames[-1].shape != frames[0].shape:
+            (h0, w0), (h1, w1) = frames[0].shape[:2], frames[-1].shape[:2]
+            raise ValueError(
+                f"frames of mixed sizes in clip {clip!r}: {os.path.basename(paths[0])!r} is {w0}x{h0}, "
+                f"{os.path.basename(p)!r} is {w1}x{h1} (width x height); resize all frames of a clip to one size")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+
+
+def _resize_cover(frames: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize (T, C, H, W) floats to cover ``size`` with the aspect kept, then centre-crop to it."""
+    H, W = frames.shape[-2:]
+    th, tw = size
+    if (H, W) != (th, tw):
+        scale = max(th / H, tw / W)
+        h, w = max(th, round(H * scale)), max(tw, round(W * scale))
+        frames = F.interpolate(frames, size=(h, w), mode="bilinear", align_corners=False,
+                               antialias=True).clamp_(0.0, 1.0)
+        top, left = (h - th) // 2, (w - tw) // 2
+        frames = frames[..., top:top + th, left:left + tw]
+    return frames
+
+
+def load_clip(path: str | os.PathLike, num_frames: int, size) -> Tensor:
+    """One clip, a folder of frame images or a video file, as ClipFolder reads it: ``num_frames``
+    frames sampled uniformly (:func:`sample_indices`), resized to cover ``size`` (int or (H, W)) and
+    centre-cropped, as (T, 3, H, W) floats in [0, 1] (not normalised; :func:`normalise_clip` does that).
+
+    Errors, each naming the path: not found, a file that is not a video (:data:`VIDEO_EXTENSIONS`),
+    a folder without frames, fewer frames than ``num_frames``, unreadable frames or files.
+    """
+    path = os.fspath(path)
+    size = _as_size(size)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r} must be a positive int")
+    if os.path.isdir(path):
+        paths = _frame_files(path)
+        if not paths:
+            raise ValueError(f"clip folder {path!r} holds no frames (looked for {', '.join(IMG_EXTENSIONS)})")
+        if len(paths) < num_frames:
+            raise ValueError(f"clip folder {path!r} has {len(paths)} frames, fewer than the {num_frames} the model "
+                             "takes; give a longer clip or build the model with fewer frames (num_frames)")
+        frames = _read_frame_files(path, [paths[i] for i in sample_indices(len(paths), num_frames)])
+    elif os.path.isfile(path):
+        if not path.lower().endswith(VIDEO_EXTENSIONS):
+            raise ValueError(f"{path!r} is not a clip: give a folder of frame images or a video file "
+                             f"({', '.join(VIDEO_EXTENSIONS)})")
+        frames = read_video(path)
+        if frames.shape[0] < num_frames:
+            raise ValueError(f"video {path!r} has {frames.shape[0]} frames, fewer than the {num_frames} the model "
+                             "takes; give a longer clip or build the model with fewer frames (num_frames)")
+        frames = frames[sample_indices(frames.shape[0], num_frames)]
+    else:
+        raise FileNotFoundError(f"clip not found: {path!r}; give a folder of frame images or a video file")
+    return _resize_cover(frames.float() / 255.0, size)
+
+
+def normalise_clip(frames: Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Tensor:
+    """(T, C, H, W) floats in [0, 1] -> the normalised (C, T, H, W) clip the models take."""
+    mean, std = _check_norm(mean, std)
+    return _normalise(frames, mean, std)
+
+
 # --------------------------------------------------------------------------------- ClipFolder
 class ClipFolder(Dataset):
     """One split of ``root/{train,val}/<class>/<clip>``; items are ((C, T, H, W) clip, label).
@@ -203,8 +286,7 @@ class ClipFolder(Dataset):
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    frames = sorted((f.name for f in os.scandir(entry.path)
-                                     if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)), key=_natural_key)
+                    frames = _frame_files(entry.path)
                     if not frames:
                         raise ValueError(f"clip folder {entry.path!r} holds no frames (looked for "
                                          f"{', '.join(IMG_EXTENSIONS)}); remove it or extract its frames")
@@ -217,7 +299,7 @@ class ClipFolder(Dataset):
                         skipped.append((entry.path, reason))
                         clips += 1
                         continue
-                    samples.append(((entry.path, tuple(os.path.join(entry.path, f) for f in frames)), ci))
+                    samples.append(((entry.path, tuple(frames)), ci))
                 elif entry.name.lower().endswith(VIDEO_EXTENSIONS):
                     samples.append(((entry.path, None), ci))
                     if not entry.name.lower().endswith(".gif"):
@@ -260,20 +342,7 @@ class ClipFolder(Dataset):
 
     def _read_frames(self, clip: str, paths: Sequence[str]) -> Tensor:
         """The sampled frame images of a frame folder as (T, 3, H, W) uint8."""
-        frames = []
-        for p in paths:
-            try:
-                with Image.open(p) as im:
-                    frames.append(np.asarray(im.convert("RGB")))
-            except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
-                raise ValueError(f"unreadable frame {p!r} in clip {clip!r} ({type(e).__name__}: {str(e)[:120]}); "
-                                 "replace or remove it (or the clip)") from e
-            if frames[-1].shape != frames[0].shape:
-                (h0, w0), (h1, w1) = frames[0].shape[:2], frames[-1].shape[:2]
-                raise ValueError(
-                    f"frames of mixed sizes in clip {clip!r}: {os.path.basename(paths[0])!r} is {w0}x{h0}, "
-                    f"{os.path.basename(p)!r} is {w1}x{h1} (width x height); resize all frames of a clip to one size")
-        return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+        return _read_frame_files(clip, paths)
 
     def load(self, index: int) -> Tensor:
         """The sampled, resized frames of clip ``index`` as (T, 3, H, W) floats in [0, 1] (not normalised)."""
@@ -291,16 +360,7 @@ class ClipFolder(Dataset):
 
     def _resize(self, frames: Tensor) -> Tensor:
         """Resize (T, C, H, W) to cover ``size`` with the aspect kept, then centre-crop to it."""
-        H, W = frames.shape[-2:]
-        th, tw = self.size
-        if (H, W) != (th, tw):
-            scale = max(th / H, tw / W)
-            h, w = max(th, round(H * scale)), max(tw, round(W * scale))
-            frames = F.interpolate(frames, size=(h, w), mode="bilinear", align_corners=False,
-                                   antialias=True).clamp_(0.0, 1.0)
-            top, left = (h - th) // 2, (w - tw) // 2
-            frames = frames[..., top:top + th, left:left + tw]
-        return frames
+        return _resize_cover(frames, self.size)
 
     def __getitem__(self, index: int):
         clip = _normalise(self.load(index), self.mean, self.std)

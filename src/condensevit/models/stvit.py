@@ -420,6 +420,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: STViT) -> Dict[st
                 and v.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
             v = resample_patch_embed(v, list(model.patch_embed.proj.weight.shape[-2:]))
         out[k] = v
+    g = out.get("global_centers")
+    if g is not None and model.global_centers is not None and g.shape[1] != model.global_centers.shape[1]:
+        # an STViT checkpoint with another token count: centre i belongs to pooling window i of a
+        # sqrt(n) x sqrt(n) grid, so the centres are resampled as a grid, like position embeddings
+        old_side, new_side = math.isqrt(g.shape[1]), math.isqrt(model.global_centers.shape[1])
+        if old_side * old_side == g.shape[1]:
+            out["global_centers"] = resample_abs_pos_embed(g, new_size=[new_side, new_side],
+                                                           old_size=[old_side, old_side], num_prefix_tokens=0)
     for i in range(model.stgm_start, model.stgm_end):
         weight, bias = out.pop(f"blocks.{i}.attn.qkv.weight", None), out.pop(f"blocks.{i}.attn.qkv.bias", None)
         if weight is None:

@@ -58,7 +58,8 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", default=None,
                    help="model constructor arguments as key=value items (img_size=64 compressed_grid=3x3) "
                         "or one JSON object")
-    p.add_argument("--data", default="digits", help="'digits' (embedded) or a folder holding train/ and val/")
+    p.add_argument("--data", default="digits", help="embedded 'digits' (images), 'moving_digits' / 'moving_digits_direction' (clips), or a "
+                        "folder holding train/ and val/ (images, or clips: frame folders / video files)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes (default: 0 on CPU)")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")

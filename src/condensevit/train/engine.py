@@ -4,6 +4,13 @@ behind ``condensevit train`` / ``condensevit eval`` (and the demo).
 Recipe pieces are timm's: transforms and RandAugment, Mixup/CutMix, label smoothing, AdamW with a
 cosine schedule and warm-up (stepped per update), gradient clipping, EMA of the weights, AMP.
 
+Video: with video data (``moving_digits``, ``moving_digits_direction``, a folder of clips; see
+:func:`condensevit.data.is_video_data`) the model must be a video model (and image data needs an
+image model): the sets are built at the model's ``input_size`` (C, T, H, W) and normalised with its
+mean and std. There is no video augmentation in this version (``--aa``, ``--hflip``, ``--scale``,
+``--color-jitter`` and ``--reprob`` do not apply); mixup mixes whole clips, cutmix is refused (timm's
+CutMix cuts boxes out of (B, C, H, W) images, so on clips it would cut (T, H) planes).
+
 Determinism: data order is a function of (seed, epoch), each image's augmentation of (seed, epoch,
 index), and the generators the model and mixup draw from are saved in every checkpoint, so an
 interrupted-then-resumed run ends with the same weights as an uninterrupted one (on CPU; exact on
@@ -29,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..data import AugmentConfig, SeededAugmentation, build_dataset, build_transform, model_input_size
+from ..data import (AugmentConfig, SeededAugmentation, build_dataset, build_transform, is_video_data,
+                    model_input_size)
 from . import checkpoint as ckpt
 from .distributed import (DistInfo, ResumableDistributedSampler, ShardedEvalSampler, all_reduce_sum,
                           broadcast_flag, cleanup_distributed, init_distributed)
@@ -209,14 +217,73 @@ def create_model(name: str, *, num_classes: int, model_kwargs: dict | None = Non
     return model
 
 
-def _input_size(model: nn.Module, kwargs: dict) -> tuple[int, int, int]:
-    """(C, H, W) to feed: the ``img_size`` the user built the model with, else what the model says."""
-    size = model_input_size(model)
+def _input_size(model: nn.Module, kwargs: dict) -> tuple[int, ...]:
+    """(C, H, W) to feed, or (C, T, H, W) for a video model: the ``img_size`` (and, for video,
+    ``num_frames``) the user built the model with, else what the model says."""
+    size = tuple(model_input_size(model))
     img = kwargs.get("img_size")
     if img is not None:
         img = (img, img) if isinstance(img, int) else tuple(img)
-        size = (size[0], int(img[-2]), int(img[-1]))
+        size = (*size[:-2], int(img[-2]), int(img[-1]))
+    if len(size) == 4 and kwargs.get("num_frames") is not None:
+        size = (size[0], int(kwargs["num_frames"]), size[2], size[3])
     return size
+
+
+VIDEO_DATA_HINT = ("--data moving_digits (or moving_digits_direction) or a clip folder "
+                   "(root/{train,val}/<class>/<clip>, a clip being a folder of frames or a video file)")
+VIDEO_MODEL_HINT = "a video model (vit_video_*, stvit_video_*, lookupvit_video_*; `condensevit models` lists them)"
+
+
+def _is_video_model_name(name: str) -> bool:
+    """Whether the registered model ``name`` takes clips, from its default config (no model built)."""
+    try:
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001  (no config: decided once the model is built)
+        return False
+    return cfg is not None and len(tuple(getattr(cfg, "input_size", None) or ())) == 4
+
+
+def _check_data_fits_model(name: str, data: str, video_model: bool, video_data: bool):
+    """A clear error when a video model is given images or an image model clips."""
+    if video_model and not video_data:
+        raise _usage_error(f"{name} takes clips (C, T, H, W) but {data} gives images; use {VIDEO_DATA_HINT}")
+    if video_data and not video_model:
+        raise _usage_error(f"{name} takes images (C, H, W) but {data} gives clips (C, T, H, W); use "
+                           f"{VIDEO_MODEL_HINT}, or image data")
+
+
+def _probe_video_input(name: str, kwargs: dict, data: str) -> tuple[tuple[int, ...], dict]:
+    """The (C, T, H, W) input size and the data config (mean, std) of ``name`` built with ``kwargs``,
+    from a model on the meta device (no memory, no initialisation): the video sets must be built at
+    the model's size before the real model, which their classes size."""
+    from timm.data import resolve_data_config
+    with torch.device("meta"):
+        probe = create_model(name, num_classes=1, model_kwargs=kwargs)
+    size = _input_size(probe, kwargs)
+    _check_data_fits_model(name, data, len(size) == 4, True)
+    return size, resolve_data_config({}, model=probe)
+
+
+def _video_augment_note(cfg: "TrainConfig") -> str | None:
+    given = [flag for flag, value in (("--aa", cfg.aa), ("--hflip", cfg.hflip), ("--scale", cfg.scale),
+                                      ("--color-jitter", cfg.color_jitter), ("--reprob", cfg.reprob or None))
+             if value is not None]
+    if not given:
+        return None
+    return (f"condensevit train: warning: {', '.join(given)} do not apply to video data: there is no video "
+            "augmentation in this version")
+
+
+def _skipped_warning(cmd: str, sets, video: bool) -> str | None:
+    n = sum(s.num_skipped for s in sets)
+    if not n:
+        return None
+    first = next(s.skipped[0] for s in sets if s.num_skipped)
+    what = "clip(s)" if video else "unreadable image(s)"
+    return (f"condensevit {cmd}: warning: skipped {n} {what} (first: {first[0]}: {first[1]}); --strict makes this "
+            "an error")
 
 
 def _first_line(e: BaseException) -> str:
@@ -448,30 +515,48 @@ class _Run:
                                "or another --output")
 
         # data first: the classes size the classifier
-        self.train_set = build_dataset(cfg.data, "train", strict=cfg.strict)
-        self.val_set = build_dataset(cfg.data, "val", strict=cfg.strict)
+        self.model_kwargs = normalize_kwargs(cfg.model_kwargs)
+        self.video = is_video_data(cfg.data)
+        data_kwargs = {}
+        _check_data_fits_model(cfg.model, cfg.data, _is_video_model_name(cfg.model), self.video)  # before any data
+        if self.video:
+            if cfg.cutmix > 0:
+                raise ValueError("--cutmix does not apply to video data: timm's CutMix cuts boxes out of (B, C, H, W) "
+                                 "images and would cut (T, H) planes out of clips; use --mixup (it mixes whole clips) "
+                                 "and --cutmix 0")
+            note = _video_augment_note(cfg)
+            if note and dist.is_main:
+                print(note, file=sys.stderr, flush=True)
+            # the clips are sampled and sized for the model: its input size first (a meta-device build)
+            size, data_config = _probe_video_input(cfg.model, self.model_kwargs, cfg.data)
+            data_kwargs = dict(input_size=size, data_config=data_config)
+        self.train_set = build_dataset(cfg.data, "train", strict=cfg.strict, **data_kwargs)
+        self.val_set = build_dataset(cfg.data, "val", strict=cfg.strict, **data_kwargs)
         self.classes = list(self.train_set.classes)
         self.num_classes = len(self.classes)
-        skipped = self.train_set.num_skipped + self.val_set.num_skipped
-        if skipped:
-            first = (self.train_set.skipped or self.val_set.skipped)[0]
-            if dist.is_main:
-                print(f"condensevit train: warning: skipped {skipped} unreadable image(s) (first: {first[0]}: "
-                      f"{first[1]}); --strict makes this an error", file=sys.stderr, flush=True)
+        warning = _skipped_warning("train", (self.train_set, self.val_set), self.video)
+        if warning and dist.is_main:
+            print(warning, file=sys.stderr, flush=True)
 
         _seed_all(cfg.seed)  # the same initial weights on every rank
-        self.model_kwargs = normalize_kwargs(cfg.model_kwargs)
         model = create_model(cfg.model, num_classes=self.num_classes, model_kwargs=self.model_kwargs,
                              pretrained_file=cfg.pretrained_file)
         self.input_size = _input_size(model, self.model_kwargs)
+        _check_data_fits_model(cfg.model, cfg.data, len(self.input_size) == 4, self.video)
         from timm.data import resolve_data_config
         self.data_config = resolve_data_config({}, model=model)
-        augment = AugmentConfig(aa=cfg.aa, hflip=cfg.hflip, scale=cfg.scale, color_jitter=cfg.color_jitter,
-                                re_prob=cfg.reprob)
-        self.train_set.transform = build_transform(cfg.data, True, self.input_size, data_config=self.data_config,
-                                                   augment=augment)
-        self.val_set.transform = build_transform(cfg.data, False, self.input_size, data_config=self.data_config,
-                                                 augment=augment)
+        if self.video:
+            if tuple(self.input_size) != tuple(data_kwargs["input_size"]):  # not expected: the probe is the model
+                data_kwargs = dict(input_size=self.input_size, data_config=self.data_config)
+                self.train_set = build_dataset(cfg.data, "train", strict=cfg.strict, **data_kwargs)
+                self.val_set = build_dataset(cfg.data, "val", strict=cfg.strict, **data_kwargs)
+        else:
+            augment = AugmentConfig(aa=cfg.aa, hflip=cfg.hflip, scale=cfg.scale, color_jitter=cfg.color_jitter,
+                                    re_prob=cfg.reprob)
+            self.train_set.transform = build_transform(cfg.data, True, self.input_size,
+                                                       data_config=self.data_config, augment=augment)
+            self.val_set.transform = build_transform(cfg.data, False, self.input_size, data_config=self.data_config,
+                                                     augment=augment)
         self.train_data = SeededAugmentation(self.train_set, seed=cfg.seed)
 
         per_rank = len(self.train_set) // dist.world_size
@@ -531,7 +616,17 @@ class _Run:
             from .distill import build_teacher
             teacher = build_teacher(cfg.teacher, cfg.teacher_checkpoint, self.num_classes,
                                     model_kwargs=cfg.teacher_kwargs, device=dev, data_name=cfg.data)
-            teacher_size = _input_size(teacher, {**(cfg.teacher_kwargs or {})})[1:]
+            teacher_size = _input_size(teacher, {**(cfg.teacher_kwargs or {})})
+            if self.video:
+                # no resizing of clips for the teacher: it must take the student's clips as they are
+                if tuple(teacher_size) != tuple(self.input_size):
+                    raise _usage_error(
+                        f"teacher {cfg.teacher} takes {'clips' if len(teacher_size) == 4 else 'images'} of size "
+                        f"{tuple(teacher_size)} but the student's clips are {tuple(self.input_size)}; distillation on "
+                        "video needs a video teacher built for the same clip size (--teacher-kwargs)")
+                teacher_size = None
+            else:
+                teacher_size = teacher_size[1:]
         from .distill import DistillationLoss
         self.criterion = DistillationLoss(base, teacher, cfg.distillation_type, cfg.distillation_alpha,
                                           cfg.distillation_tau, teacher_input_size=teacher_size)
@@ -855,7 +950,13 @@ def _evaluate_checkpoint(checkpoint, data, name, kwargs, meta, state_dict, dist,
                          amp, limit_batches) -> dict:
     from timm.data import resolve_data_config
 
-    val_set = build_dataset(data, "val", strict=strict)
+    video = is_video_data(data)
+    data_kwargs = {}
+    _check_data_fits_model(name, data, _is_video_model_name(name), video)  # before any data is read
+    if video:
+        size, data_config = _probe_video_input(name, kwargs, data)
+        data_kwargs = dict(input_size=size, data_config=data_config)
+    val_set = build_dataset(data, "val", strict=strict, **data_kwargs)
     num_classes = len(val_set.classes)
     net = create_model(name, num_classes=num_classes, model_kwargs=kwargs)
     ckpt.fit_checkpoint(net, state_dict, source=f"checkpoint {checkpoint!r}", meta=meta, data_classes=num_classes,
@@ -864,7 +965,16 @@ def _evaluate_checkpoint(checkpoint, data, name, kwargs, meta, state_dict, dist,
         print(f"condensevit eval: warning: the checkpoint's class names {meta['classes'][:5]}... differ from the "
               f"data's {val_set.classes[:5]}...; accuracy assumes they correspond in sorted order", file=sys.stderr)
     input_size = _input_size(net, kwargs)
-    val_set.transform = build_transform(data, False, input_size, data_config=resolve_data_config({}, model=net))
+    _check_data_fits_model(name, data, len(input_size) == 4, video)
+    if video:
+        if tuple(input_size) != tuple(size):  # not expected: the probe is the model
+            val_set = build_dataset(data, "val", strict=strict, input_size=input_size,
+                                    data_config=resolve_data_config({}, model=net))
+        warning = _skipped_warning("eval", (val_set,), True)
+        if warning and dist.is_main:
+            print(warning, file=sys.stderr)
+    else:
+        val_set.transform = build_transform(data, False, input_size, data_config=resolve_data_config({}, model=net))
     sampler = ShardedEvalSampler(len(val_set), num_replicas=dist.world_size, rank=dist.rank)
     loader = DataLoader(val_set, batch_size=batch_size, sampler=sampler,
                         **_loader_kwargs(_default_workers(workers, dist.device, dist.world_size), dist.device))

@@ -483,3 +483,14 @@ def test_own_checkpoint_round_trips_through_the_filter(model):
     other.load_state_dict(checkpoint_filter_fn(copy.deepcopy(model.state_dict()), other))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(other.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_an_average_pooled_vit_checkpoint_maps_its_fc_norm_onto_the_final_norm():
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    vit = timm.create_model("deit_tiny_patch16_224", global_pool="avg", class_token=False, **kw)
+    sd = vit.state_dict()
+    assert "fc_norm.weight" in sd and "norm.weight" not in sd  # timm keeps an avg-pooled ViT's norm there
+    model = timm.create_model("stvit_deit_tiny_patch16_224", stgm_start=1, num_semantic_tokens=4, **kw)
+    model.load_state_dict(checkpoint_filter_fn(sd, model))
+    assert torch.equal(model.norm.weight, sd["fc_norm.weight"]) and torch.equal(model.head.weight, sd["head.weight"])
+    assert torch.equal(model.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])

@@ -405,6 +405,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: STViT) -> Dict[st
     Raises :class:`CheckpointError` naming missing / unexpected / mismatched keys otherwise.
     """
     state_dict = unwrap_state_dict(state_dict)
+    if "fc_norm.weight" in state_dict and "norm.weight" not in state_dict:
+        # a ViT pooled by average (global_pool='avg') keeps its final LayerNorm after the pooling,
+        # as fc_norm; ours normalises before the mean over semantic tokens: the nearest counterpart
+        state_dict = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v
+                      for k, v in state_dict.items()}
     num_prefix = sum(k in state_dict for k in ("cls_token", "dist_token"))
     if "reg_token" in state_dict:
         num_prefix += state_dict["reg_token"].shape[1]

@@ -162,17 +162,11 @@ def _usage_error(msg: str):
 
 
 def check_model_name(name: str):
-    import difflib
-
-    import timm
-    import condensevit  # noqa: F401  (registers our models with timm)
+    """A clear error for a missing or unknown model name, with the closest registered names."""
     if not name:
         raise _usage_error("no model given; pass --model NAME (`condensevit models` lists ours)")
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `condensevit models` lists ours, timm.list_models() all"
-    raise _usage_error(f"unknown model {name!r}{hint}")
+    from ..bench import _check_model_name
+    _check_model_name(name)
 
 
 def create_model(name: str, *, num_classes: int, model_kwargs: dict | None = None,

@@ -101,6 +101,33 @@ class SemanticTokenBlock(nn.Module):
         return (x, attn) if return_attn else x
 
 
+def run_stgm_blocks(model: nn.Module, x: Tensor, take_indices=(), stop: Optional[int] = None,
+                    collect=None) -> Tensor:
+    """The STViT layer schedule, shared by the image and video forms: ordinary blocks on the
+    tokens ``x`` before ``model.stgm_start``, then the initial centres (``model.center_pool``), the
+    STGM blocks (query: semantic tokens, context: ``x``; global centres added in the second) and the
+    blocks on the semantic tokens. ``collect(tokens, grid)`` receives the output of each block in
+    ``take_indices``. Returns the last tokens (``x`` if no STGM layer ran, else the semantic ones)."""
+    semantic = None
+    for i in range(len(model.blocks) if stop is None else stop + 1):
+        blk = model.blocks[i]
+        if i < model.stgm_start:
+            x = model._run(blk, x)
+            out, grid = x, model.grid_size
+        else:
+            if i == model.stgm_start:
+                semantic = model.center_pool(x)
+            if i < model.stgm_end:
+                offset = model.global_centers if i == model.stgm_start + 1 else None
+                semantic = model._run(blk, semantic, x, offset)
+            else:
+                semantic = model._run(blk, semantic)
+            out, grid = semantic, model.semantic_grid
+        if collect is not None and i in take_indices:
+            collect(out, grid)
+    return x if semantic is None else semantic
+
+
 class STViT(nn.Module):
     """STViT, global form: a DeiT whose image tokens are condensed into a few semantic tokens.
 
@@ -220,27 +247,14 @@ class STViT(nn.Module):
         """Run the blocks (up to index ``stop``) on embedded image tokens; collect the outputs of
         ``take_indices``. Returns the last tokens (image tokens if no STGM layer ran, else semantic)."""
         intermediates = []
-        semantic = None
-        for i in range(len(self.blocks) if stop is None else stop + 1):
-            blk = self.blocks[i]
-            if i < self.stgm_start:
-                x = self._run(blk, x)
-                out, grid = x, self.grid_size
-            else:
-                if i == self.stgm_start:
-                    semantic = self.center_pool(x)
-                if i < self.stgm_end:
-                    offset = self.global_centers if i == self.stgm_start + 1 else None
-                    semantic = self._run(blk, semantic, x, offset)
-                else:
-                    semantic = self._run(blk, semantic)
-                out, grid = semantic, self.semantic_grid
-            if i in take_indices:
-                out = self.norm(out) if norm else out
-                if reshape:
-                    out = out.reshape(out.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-                intermediates.append(out)
-        return (x if semantic is None else semantic), intermediates
+
+        def collect(out: Tensor, grid) -> None:
+            out = self.norm(out) if norm else out
+            if reshape:
+                out = out.reshape(out.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append(out)
+
+        return run_stgm_blocks(self, x, take_indices, stop, collect), intermediates
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images -> (B, num_semantic_tokens, embed_dim), after the final norm."""

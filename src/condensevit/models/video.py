@@ -70,7 +70,7 @@ from . import lookupvit as _lookupvit
 from . import stvit as _stvit
 from ._builder import CheckpointError, build, complete_state_dict, unwrap_state_dict
 from .lookupvit import LookupViTBlock
-from .stvit import SemanticTokenBlock
+from .stvit import SemanticTokenBlock, run_stgm_blocks
 
 __all__ = [
     "VideoViT", "STViTVideo", "LookupViTVideo", "checkpoint_filter_fn", "stvit_checkpoint_filter_fn",
@@ -429,24 +429,9 @@ class STViTVideo(_VideoModel):
         """Blocks up to ``stop`` on (B, N, C) tubelet tokens; the outputs of ``take`` collected.
         Returns the last tokens (tubelet tokens if no module layer ran, else semantic ones)."""
         out = []
-        semantic = None
-        for i in range(len(self.blocks) if stop is None else stop + 1):
-            blk = self.blocks[i]
-            if i < self.stgm_start:
-                x = self._run(blk, x)
-                y, grid = x, self.grid_size
-            else:
-                if i == self.stgm_start:
-                    semantic = self.center_pool(x)
-                if i < self.stgm_end:
-                    offset = self.global_centers if i == self.stgm_start + 1 else None
-                    semantic = self._run(blk, semantic, x, offset)
-                else:
-                    semantic = self._run(blk, semantic)
-                y, grid = semantic, self.semantic_grid
-            if i in take:
-                out.append(self._format(self.norm(y) if norm else y, grid, output_fmt))
-        return (x if semantic is None else semantic), out
+        last = run_stgm_blocks(self, x, take, stop,
+                               lambda y, grid: out.append(self._format(self.norm(y) if norm else y, grid, output_fmt)))
+        return last, out
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, T, H, W) clips -> (B, num_semantic_tokens, embed_dim), after the final norm."""

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import building_graph
+
 __all__ = ["attend", "CrossAttention", "split_heads", "merge_heads", "split_qkv"]
 
 
@@ -24,7 +26,12 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
 def merge_heads(x: Tensor) -> Tensor:
     """(B, H, N, D) -> (B, N, H*D)."""
     B, H, N, D = x.shape
-    return x.transpose(1, 2).reshape(B, N, H * D)
+    x = x.transpose(1, 2)
+    if not torch.jit.is_scripting() and building_graph(x):
+        # a fused kernel's output layout differs between kernels, and changes when the ONNX exporter
+        # decomposes the kernel: a copy to the standard layout keeps the recorded reshape valid for all
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.reshape(B, N, H * D)
 
 
 def attend(

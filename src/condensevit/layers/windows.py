@@ -106,8 +106,9 @@ def neighbourhood_index(
     rows = r[:, None, :, None].expand(rows_n, cols_n, kernel, kernel).reshape(rows_n * cols_n, -1)
     cols = c[None, :, None, :].expand(rows_n, cols_n, kernel, kernel).reshape(rows_n * cols_n, -1)
     inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    # outside positions -> the pad slot height * width; arithmetic keeps a symbolic size symbolic
-    index = (rows * width + cols) * inside + (~inside) * (height * width)
+    # outside positions -> the pad slot height * width (tensor arithmetic: a symbolic size stays symbolic and
+    # every exporter translates it)
+    index = torch.where(inside, rows * width + cols, torch.zeros_like(rows) + height * width)
     return index, torch.stack((rows, cols))
 
 

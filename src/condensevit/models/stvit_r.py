@@ -306,6 +306,15 @@ class _LayerScaleBlock(nn.Module):
         return self.attn.kv(self.norm1(like.new_zeros(1, 1, like.shape[-1])))
 
 
+def _adaptive_max_pool_static(win: Tensor, n: int) -> Tensor:
+    """``F.adaptive_max_pool2d`` of (B', k, k, C) windows to (B', n, n, C), with PyTorch's bins
+    [floor(i k / n), ceil((i + 1) k / n)) as static slices and maxima."""
+    k = win.shape[1]
+    bins = [((i * k) // n, -((-(i + 1) * k) // n)) for i in range(n)]
+    rows = torch.stack([win[:, a:b].amax(1) for a, b in bins], dim=1)         # (B', n, k, C)
+    return torch.stack([rows[:, :, a:b].amax(2) for a, b in bins], dim=2)     # (B', n, n, C)
+
+
 class SemanticTokenBlock(_LayerScaleBlock):
     """Semantic tokens attend to the image tokens of an overlapping neighbourhood of their window.
 
@@ -334,9 +343,10 @@ class SemanticTokenBlock(_LayerScaleBlock):
         if torch.jit.is_scripting():
             return F.adaptive_max_pool2d(xp.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
         if building_graph(Hp):
-            # window by window, so the pooling sizes stay static when the map size is symbolic
-            win = window_partition(xp, ws).view(-1, ws, ws, xp.shape[3]).permute(0, 3, 1, 2)
-            pooled = F.adaptive_max_pool2d(win, [n, n]).permute(0, 2, 3, 1).reshape(-1, n * n, xp.shape[3])
+            # window by window, so the pooling sizes stay static when the map size is symbolic (and
+            # as slices and maxima, which every exporter translates; ONNX has no adaptive max pool)
+            win = window_partition(xp, ws).view(-1, ws, ws, xp.shape[3])
+            pooled = _adaptive_max_pool_static(win, n).reshape(-1, n * n, xp.shape[3])
             return window_reverse(pooled, n, grid[0], grid[1])
         # adaptive pooling of the whole map to (windows * n) bins equals pooling each window to n bins
         return F.adaptive_max_pool2d(xp.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)

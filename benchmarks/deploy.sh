@@ -11,7 +11,7 @@ out=${1:-bench_out/deploy}
 mkdir -p "$out"
 cv=${CONDENSEVIT:-.venv/bin/condensevit}
 runtimes=${RUNTIMES:-eager,compile,onnxruntime}
-common=(--runtime "$runtimes" --batch-size 32 --rounds 2 --iters 3 --quiet)
+common=(--runtime "$runtimes" --batch-size 32 --rounds 3 --iters 3 --quiet)
 # STViT-S vs DeiT-S
 $cv bench --models deit_small_patch16_224,stvit_deit_small_patch16_224 "${common[@]}" \
     --json "$out/stvit_deit_small.json" | tee "$out/stvit_deit_small.txt"

@@ -242,8 +242,9 @@ def _raise_if_off(results, atol: float, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- ONNX
-def export_onnx(model: nn.Module, spec: ExportSpec, path: str, opset: int | None = None) -> dict:
-    """Export an eval-mode ``model`` to ``path`` with PyTorch's dynamo ONNX exporter.
+def export_onnx(model: nn.Module, spec: ExportSpec, path: str, opset: int | None = None, program=None) -> dict:
+    """Export an eval-mode ``model`` to ``path`` with PyTorch's dynamo ONNX exporter (from ``program``,
+    its :func:`export_program` for ``spec``, when given: the trace is then not done twice).
 
     Returns ``dict(opset, input_name, input_shape, output_name, output_shape, path, bytes)``, shapes
     as written in the file (dynamic dimensions by name). Raises :class:`MissingDependencyError`
@@ -253,12 +254,19 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: str, opset: int | None
     _check_eval(model)
     x = _example(spec)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    input_name = "clips" if len(spec.input_shape) == 5 else "images"
     with torch.no_grad(), _shape_reasoning(spec), _quiet_exporter():
-        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=spec.dynamic_shapes(),
-                                    opset_version=opset, verbose=False,
-                                    input_names=["clips" if len(spec.input_shape) == 5 else "images"],
-                                    output_names=["output"])
-    program.save(path)
+        onnx_program = torch.onnx.export(
+            program if program is not None else model, (x,), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes=None if program is not None else spec.dynamic_shapes(), input_names=[input_name],
+            output_names=["output"])
+        if spec.dynamic:
+            # any-size dims are Dim.DYNAMIC (no names) and a program's dims keep theirs: name them as the spec does
+            try:
+                onnx_program._rename_dynamic_axes({"x": dict(spec.dynamic)})
+            except Exception:  # noqa: BLE001  (a private helper of the exporter; the names are cosmetic)
+                pass
+    onnx_program.save(path)
     proto = onnx.load(path, load_external_data=False)
 
     def shape_of(value_info):
@@ -344,7 +352,7 @@ def run_runtime_bench(specs, runtimes=("eager", "onnxruntime"), input_size=None,
     For each model (the first is the baseline) and runtime ('eager' PyTorch, 'compile' =
     ``torch.compile``, 'onnxruntime' = the model exported to ONNX with a dynamic batch, verified
     against eager, run by ONNX Runtime's CPU execution provider with as many threads as torch uses):
-    batch-``batch_size`` images/s (median over ``rounds`` alternating rounds) and batch-1 latency.
+    batch-``batch_size`` images/s and batch-1 latency, each the median over ``rounds`` alternating rounds.
     Rows carry the ratio to the baseline model in the same runtime and to the same model in eager.
     """
     import tempfile
@@ -385,18 +393,25 @@ def run_runtime_bench(specs, runtimes=("eager", "onnxruntime"), input_size=None,
         for e in order:
             for rt in (runtimes if r % 2 == 0 else runtimes[::-1]):
                 bar.set_postfix_str(f"round {r + 1}/{rounds} {e['label']} {rt}")
+                # batch-1 latency in every round too (median over rounds): one round's is at the
+                # mercy of whatever else the machine runs at that moment
                 e["runs"][rt].append(throughput(
                     e["runners"][rt], e["shape"], batch_size=batch_size, device="cpu",
-                    warmup=warmup if r == 0 else 1, iters=iters, latency_iters=None if r == 0 else 0))
+                    warmup=warmup if r == 0 else 1, iters=iters, latency_iters=max(iters, 10)))
                 bar.update(1)
     bar.close()
+    def median(values):
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else sum(v[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
+
     rows = []
     for e in entries:
         for rt in runtimes:
-            ips = sorted(x.images_per_s for x in e["runs"][rt])
+            runs = e["runs"][rt]
             rows.append(dict(model=e["label"], runtime=rt, gmacs=e["gmacs"], params=e["params"],
-                             images_per_s=ips[len(ips) // 2] if len(ips) % 2 else sum(ips) / len(ips),
-                             latency_ms=e["runs"][rt][0].latency_ms, rounds=[x.images_per_s for x in e["runs"][rt]],
+                             images_per_s=median([x.images_per_s for x in runs]),
+                             latency_ms=median([x.latency_ms for x in runs]), rounds=[x.images_per_s for x in runs],
+                             latency_rounds=[x.latency_ms for x in runs],
                              peak_memory_mb=max(x.peak_memory_mb for x in e["runs"][rt]),
                              onnx_max_diff=e.get("onnx_max_diff") if rt == "onnxruntime" else None,
                              onnx_opset=(e.get("onnx") or {}).get("opset") if rt == "onnxruntime" else None,

@@ -27,7 +27,9 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, H, N, D) -> (B, N, H*D)."""
     B, H, N, D = x.shape
     x = x.transpose(1, 2)
-    if not torch.jit.is_scripting() and building_graph(x):
+    if torch.jit.is_scripting():
+        return x.reshape(B, N, H * D)
+    if building_graph(x):
         # a fused kernel's output layout differs between kernels, and changes when the ONNX exporter
         # decomposes the kernel: a copy to the standard layout keeps the recorded reshape valid for all
         x = x.clone(memory_format=torch.contiguous_format)

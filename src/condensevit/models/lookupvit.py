@@ -125,8 +125,8 @@ def _check_traced_grid(compressed_grid, traced_grid: Tuple[int, ...]) -> None:
     if grid != tuple(traced_grid):
         raise ValueError(
             f"this graph was traced at compressed_grid={tuple(traced_grid)} and cannot run at {compressed_grid!r}; "
-            "trace again with torch.fx.symbolic_trace(model, concrete_args={'compressed_grid': (h, w)}) (or build the "
-            "model with compressed_grid=(h, w))")
+            "trace a model whose default grid is the one you want (built with compressed_grid=(h, w), or with "
+            "model.compressed_grid = (h, w) set before tracing)")
 
 
 def _resize_pos_embed(pos: Tensor, grid: Tuple[int, int]) -> Tensor:

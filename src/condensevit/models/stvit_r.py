@@ -51,7 +51,7 @@ semantic tokens, ``'none'`` masks nothing.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -19,7 +19,10 @@ def check_classifier_contract(model: nn.Module, x: torch.Tensor, num_classes: in
         assert out.shape == (x.shape[0], num_classes)
         assert torch.isfinite(out).all()
         feats = model.forward_features(x, **fwd)
-        assert feats.dim() == 3 and feats.shape[0] == x.shape[0], "forward_features gives (B, tokens, C)"
+        if getattr(model, "output_fmt", None) == "NHWC":   # Swin-based: a channels-last map, as timm's Swin
+            assert feats.dim() == 4 and feats.shape[0] == x.shape[0], "forward_features gives (B, H, W, C)"
+        else:
+            assert feats.dim() == 3 and feats.shape[0] == x.shape[0], "forward_features gives (B, tokens, C)"
         pre = model.forward_head(feats, pre_logits=True)
         assert pre.shape == (x.shape[0], model.num_features)
         torch.testing.assert_close(model.forward_head(feats), out)

@@ -32,9 +32,12 @@ Choices the paper leaves open (each documented where it is made; named options w
   tokens' embedding along. The resize is antialiased by default (``resize_antialias``), so each
   compressed token averages its whole cell instead of sampling four pixels.
 * With ``pool='compressed'`` the last block's scatter and lookup MLP cannot change the logits, so
-  ``forward_features`` skips them (about 3% of the MACs of LookupViT-B at 5x5); those parameters
-  get no gradient in classification training (DDP needs ``find_unused_parameters`` or
-  ``static_graph``). ``forward_intermediates`` and ``pool='both'`` run them.
+  ``forward_features`` skips them (about 3% of the MACs of LookupViT-B at 5x5) and they are not
+  built (``last_lookup_update=None``): every parameter gets a gradient, DDP needs no
+  ``find_unused_parameters``. The last block then leaves the lookup tokens as they are.
+  ``pool='both'`` and ``features_only=True`` (the last lookup map is a feature) build and run them;
+  a checkpoint that has them loads into a model without (they are dropped) and the other way round
+  (they start from the init, as from a ViT).
 * Init: truncated normal (std 0.02) for every linear layer and the position embedding, zero
   biases, LayerNorms at (1, 0) — timm's ViT default.
 * Training grids: one grid per forward call in train mode, drawn from ``train_grids`` by a Python

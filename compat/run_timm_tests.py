@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     work = os.path.join(args.cache, version)
     test_file = fetch_test_file(version, work)
     shutil.copy(os.path.join(HERE, "conftest.py"), os.path.join(work, "conftest.py"))
-    report = os.path.join(work, "report.xml")
+    report = os.path.join(work, f"report-{os.environ.get('COMPAT_VARIANTS', 'test')}.xml")
     cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "--rootdir", work,
            "-c", os.devnull, "--junitxml", report, "-o", "junit_family=xunit1", "--tb=line"]
     if args.workers > 0:

@@ -62,6 +62,7 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_args
 from timm.models.vision_transformer import Block
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -324,6 +325,7 @@ class LookupViT(nn.Module):
             self.pool, self.global_pool = _resolve_pool(self.pool, global_pool, current=self.global_pool)
             if self.pool == "both":
                 _ensure_lookup_update(self, self.blocks[-1], self._init_weights)
+            update_model_args(self, pool=self.pool)   # timm's export rebuilds the model as it is now
         self.num_classes = num_classes
         self.head = new_classifier(self, self.embed_dim, num_classes)
 

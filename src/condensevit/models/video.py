@@ -58,6 +58,7 @@ from timm.layers import LayerNorm, resample_patch_embed, trunc_normal_
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_args
 from timm.models._manipulate import checkpoint, named_apply, reinit_non_persistent_buffers
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor
@@ -736,6 +737,7 @@ class LookupViTVideo(_VideoModel):
             self.pool, self.global_pool = _resolve_pool(self.pool, global_pool, current=self.global_pool)
             if self.pool == "both":
                 _ensure_lookup_update(self, self.blocks[-1], init_weights_vit_timm)
+            update_model_args(self, pool=self.pool)   # timm's export rebuilds the model as it is now
         self.head = self._new_head(num_classes)
 
 

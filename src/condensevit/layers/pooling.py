@@ -90,6 +90,13 @@ def window_membership_bias(geometry: WindowGrid) -> Tensor:
     return torch.zeros(G, N, device=index.device).masked_fill(~member, float("-inf"))
 
 
+def _placed(tensor: Tensor, device, dtype) -> Tensor:
+    """A geometry tensor (built on the CPU) on ``device``; floating ones in ``dtype`` when given."""
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
 class TokenScorer(nn.Module):
     """Scores every token of a map: 3x3 depthwise conv, LayerNorm, GELU, 1x1 conv to one channel.
 
@@ -98,16 +105,18 @@ class TokenScorer(nn.Module):
     fresh scorer gives equal weights (average pooling) until training moves it.
     """
 
-    def __init__(self, dim: int, feat_size: tuple[int, ...], *, norm_layer=nn.LayerNorm, act_layer=nn.GELU):
+    def __init__(self, dim: int, feat_size: tuple[int, ...], *, norm_layer=nn.LayerNorm, act_layer=nn.GELU,
+                 device=None, dtype=None):
         super().__init__()
         self.feat_size = tuple(feat_size)
         if len(self.feat_size) not in (2, 3):
             raise ValueError(f"feat_size {self.feat_size} must be (H, W) or (T, H, W)")
+        dd = dict(device=device, dtype=dtype)
         conv = nn.Conv2d if len(self.feat_size) == 2 else nn.Conv3d
-        self.conv = conv(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.norm = norm_layer(dim)
+        self.conv = conv(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.norm = norm_layer(dim, **dd)
         self.act = act_layer()
-        self.proj = nn.Linear(dim, 1, bias=False)
+        self.proj = nn.Linear(dim, 1, bias=False, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -139,6 +148,8 @@ class WindowPool(nn.Module):
             *,
             norm_layer=nn.LayerNorm,
             act_layer=nn.GELU,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if mode not in POOL_MODES:
@@ -146,11 +157,12 @@ class WindowPool(nn.Module):
         self.mode = mode
         self.geometry = window_grid(feat_size, grid)
         self.num_windows = math.prod(self.geometry.grid)
-        self.score = TokenScorer(dim, feat_size, norm_layer=norm_layer, act_layer=act_layer) \
-            if mode == "weighted" else None
-        device = torch.empty(0).device   # the device being built on (a `with torch.device(...)` block)
+        self.score = TokenScorer(dim, feat_size, norm_layer=norm_layer, act_layer=act_layer, device=device,
+                                 dtype=dtype) if mode == "weighted" else None
+        if device is None:
+            device = torch.empty(0).device   # the device being built on (a `with torch.device(...)` block)
         for name, tensor in self._geometry_buffers().items():
-            self.register_buffer(name, tensor.to(device), persistent=False)
+            self.register_buffer(name, _placed(tensor, device, dtype), persistent=False)
 
     def _geometry_buffers(self) -> dict[str, Tensor]:
         bias = window_membership_bias(self.geometry)                        # (G, N)
@@ -170,7 +182,8 @@ class WindowPool(nn.Module):
         """Recompute the geometry buffers in place (after ``to_empty`` from the meta device; timm's
         ``reinit_non_persistent_buffers`` calls this)."""
         for name, tensor in self._geometry_buffers().items():
-            setattr(self, name, tensor.to(getattr(self, name).device))
+            old = getattr(self, name)
+            setattr(self, name, _placed(tensor, old.device, old.dtype))
 
     @property
     def window_size(self) -> tuple[int, ...]:

@@ -203,10 +203,17 @@ class EvalData:
     the model."""
 
     @classmethod
-    def open(cls, data: str, name: str, kwargs: dict, dist: DistInfo, *, strict: bool) -> "EvalData":
+    def open(cls, data: str, name: str, kwargs: dict, dist: DistInfo, *, strict: bool,
+             views: tuple[int, int] = (1, 1)) -> "EvalData":
+        """``views`` (temporal clips, spatial crops): multi-view testing of video data, each clip's
+        views scored and averaged (:class:`~condensevit.data.video.MultiViewClips`)."""
         self = cls()
         self.data, self.name, self.kwargs, self.dist, self.strict = data, name, kwargs, dist, strict
+        self.views = tuple(views)
         self.video = is_video_data(data)
+        if self.views != (1, 1) and not self.video:
+            raise _usage_error(f"--views {self.views[0]}x{self.views[1]} applies to clips (temporal clips x spatial "
+                               f"crops); {data} gives images: drop --views, or use video data")
         self._size = None
         data_kwargs = {}
         check_data_fits_model(name, data, is_video_model_name(name), self.video)  # before any data is read
@@ -232,6 +239,11 @@ class EvalData:
         else:
             self.val_set.transform = build_transform(data, False, self.input_size,
                                                      data_config=resolve_data_config({}, model=net))
+        dataset = self.val_set
+        if self.views != (1, 1):
+            from ..data.video import MultiViewClips
+            dataset = MultiViewClips(self.val_set, *self.views)
+        self.num_views = self.views[0] * self.views[1]
         sampler = ShardedEvalSampler(len(self.val_set), num_replicas=dist.world_size, rank=dist.rank)
-        self.loader = DataLoader(self.val_set, batch_size=batch_size, sampler=sampler,
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                  **loader_kwargs(default_workers(workers, dist.device, dist.world_size), dist.device))

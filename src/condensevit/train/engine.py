@@ -307,14 +307,24 @@ def train(config: TrainConfig) -> TrainResult:
 def evaluate_checkpoint(checkpoint: str, data: str = "digits", *, model: str | None = None,
                         model_kwargs: dict | None = None, batch_size: int = 128, device: str | None = None,
                         workers: int | None = None, strict: bool = False, amp: bool = False,
-                        limit_batches: int | None = None) -> dict:
+                        limit_batches: int | None = None, views=None) -> dict:
     """Top-1 / top-5 (percent) and loss of a checkpoint on the ``val`` split of ``data``.
 
     The model is built from the checkpoint's recorded name and kwargs (ours), with
     ``model_kwargs`` on top: a LookupViT checkpoint can be evaluated at another
     ``compressed_grid``, an STViT one at another token count (through the model's checkpoint
     filter), as far as the weights fit; when they do not, a clear error.
+
+    ``views`` (``'4x3'`` or (4, 3); video data only): multi-view testing, ``4`` temporal clips x
+    ``3`` spatial crops of each clip (:func:`condensevit.data.video.view_indices`,
+    :func:`~condensevit.data.video.spatial_crops`), their probabilities averaged; ``batch_size``
+    then counts clips, each giving that many model inputs.
     """
+    from ..data.video import parse_views
+    try:
+        views = parse_views(views) if views is not None else (1, 1)
+    except ValueError as e:
+        raise _usage_error(f"--views: {e}") from None
     state_dict, meta = ckpt.load_weights_file(checkpoint)
     name = model or meta.get("model")
     if not name:
@@ -327,15 +337,16 @@ def evaluate_checkpoint(checkpoint: str, data: str = "digits", *, model: str | N
     dist = init_distributed(device)
     try:
         return _evaluate_checkpoint(checkpoint, data, name, kwargs, meta, state_dict, dist, batch_size=batch_size,
-                                    workers=workers, strict=strict, amp=amp, limit_batches=limit_batches)
+                                    workers=workers, strict=strict, amp=amp, limit_batches=limit_batches,
+                                    views=views)
     finally:
         if owned:
             cleanup_distributed()
 
 
 def _evaluate_checkpoint(checkpoint, data, name, kwargs, meta, state_dict, dist, *, batch_size, workers, strict,
-                         amp, limit_batches) -> dict:
-    ev = EvalData.open(data, name, kwargs, dist, strict=strict)
+                         amp, limit_batches, views=(1, 1)) -> dict:
+    ev = EvalData.open(data, name, kwargs, dist, strict=strict, views=views)
     num_classes = len(ev.val_set.classes)
     net = create_model(name, num_classes=num_classes, model_kwargs=kwargs)
     ckpt.fit_checkpoint(net, state_dict, source=f"checkpoint {checkpoint!r}", meta=meta, data_classes=num_classes,
@@ -345,7 +356,9 @@ def _evaluate_checkpoint(checkpoint, data, name, kwargs, meta, state_dict, dist,
               f"data's {ev.val_set.classes[:5]}...; accuracy assumes they correspond in sorted order", file=sys.stderr)
     ev.fit_to(net, batch_size=batch_size, workers=workers)
     net.to(dist.device)
-    stats = evaluate(net, ev.loader, dist.device, amp_ctx=amp_context(amp, dist.device), limit_batches=limit_batches)
+    stats = evaluate(net, ev.loader, dist.device, amp_ctx=amp_context(amp, dist.device), limit_batches=limit_batches,
+                     views=ev.num_views)
     stats.update(model=name, model_kwargs=kwargs, checkpoint=os.path.abspath(checkpoint), data=data,
+                 views=f"{views[0]}x{views[1]}",
                  num_classes=num_classes, input_size=list(ev.input_size), skipped_images=ev.val_set.num_skipped)
     return stats

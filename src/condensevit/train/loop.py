@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .distributed import DistInfo, all_reduce_sum, broadcast_flag
 
-__all__ = ["NonFiniteLossError", "EpochState", "amp_context", "evaluate", "train_one_epoch", "unwrap"]
+__all__ = ["NonFiniteLossError", "EpochState", "amp_context", "evaluate", "average_view_scores", "train_one_epoch",
+           "unwrap"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,10 +48,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def average_view_scores(logits: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Multi-view testing: (B * num_views, K) logits, the views of each sample consecutive, ->
+    (B, K) class probabilities averaged over the views (softmax, then mean: Video Swin's
+    ``average_clips='prob'``)."""
+    if logits.shape[0] % num_views:
+        raise ValueError(f"{logits.shape[0]} scores are not a whole number of samples of {num_views} views")
+    return logits.float().softmax(-1).view(-1, num_views, logits.shape[-1]).mean(1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextlib.nullcontext,
-             limit_batches: int | None = None, **forward_kwargs) -> dict:
-    """Top-1 / top-5 accuracy (percent) and cross-entropy over ``loader``, summed across ranks."""
+             limit_batches: int | None = None, views: int = 1, **forward_kwargs) -> dict:
+    """Top-1 / top-5 accuracy (percent) and cross-entropy over ``loader``, summed across ranks.
+
+    With ``views`` > 1 each batch holds (B, views, ...) views of B samples (multi-view testing,
+    :class:`~condensevit.data.video.MultiViewClips`): the model scores every view and each sample's
+    accuracy and loss come from its views' averaged probabilities (:func:`average_view_scores`)."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
@@ -59,14 +73,23 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_ctx=contextl
             break
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if views > 1:
+            if x.shape[1] != views:
+                raise ValueError(f"a batch of shape {tuple(x.shape)} does not hold {views} views per sample")
+            x = x.flatten(0, 1)
         with amp_ctx():
             out = model(x, **forward_kwargs)
         out = out[0] if isinstance(out, (tuple, list)) else out
         out = out.float()
+        if views > 1:
+            out = average_view_scores(out, views)
+            loss = F.nll_loss(out.clamp_min(1e-12).log(), y, reduction="sum")
+        else:
+            loss = F.cross_entropy(out, y, reduction="sum")
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         hit = top.eq(y[:, None])
-        stats += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+        stats += torch.stack([loss.double(),
                               hit[:, :1].sum().double(), hit.sum().double(),
                               torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
     all_reduce_sum(stats)

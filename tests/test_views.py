@@ -184,3 +184,21 @@ def test_eval_views_errors_exit_2_with_the_fix(checkpoint_and_data, capsys):
     assert "CLIPSxCROPS" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", path, "--data", "digits", "--views", "4x3"]) == 2
     assert "applies to clips" in capsys.readouterr().err
+
+
+def test_eval_views_of_stvit_on_video_swin_on_moving_digits(tmp_path, capsys):
+    """Every video model takes --views; the moving digits' views are the clip itself, so 2x3 views
+    give the single-view figures."""
+    name = "stvit_video_swin_tiny_patch2x4x4_window8x7x7"
+    kw = dict(num_frames=8, img_size=64, embed_dim=16, depths=[2, 2, 6, 2], num_heads=[1, 2, 2, 4],
+              window_size=[2, 4, 4])
+    model = timm.create_model(name, num_classes=10, **kw)
+    path = save_weights(str(tmp_path / "w.safetensors"), model.state_dict(), {"model": name, "model_kwargs": kw})
+    args = ["eval", "--checkpoint", path, "--data", "moving_digits", "--batch-size", "4", "--limit-batches", "1",
+            "--json"]
+    assert main([*args, "--views", "2x3"]) == 0
+    views = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert views["views"] == "2x3" and views["images"] == plain["images"] == 4
+    assert views["top1"] == plain["top1"] and views["loss"] == pytest.approx(plain["loss"], rel=1e-5)

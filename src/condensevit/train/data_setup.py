@@ -37,7 +37,8 @@ __all__ = [
 
 VIDEO_DATA_HINT = ("--data moving_digits (or moving_digits_direction) or a clip folder "
                    "(root/{train,val}/<class>/<clip>, a clip being a folder of frames or a video file)")
-VIDEO_MODEL_HINT = "a video model (vit_video_*, stvit_video_*, lookupvit_video_*; `condensevit models` lists them)"
+VIDEO_MODEL_HINT = ("a video model (vit_video_*, stvit_video_*, lookupvit_video_*, video_swin_*, stvit_video_swin_*; "
+                    "`condensevit models` lists them)")
 
 
 def _usage_error(msg: str):

@@ -136,6 +136,9 @@ def add_parser(sub: argparse._SubParsersAction):
     e.add_argument("--checkpoint", required=True, help="weights (.safetensors or .pth)")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--limit-batches", type=int, default=None)
+    e.add_argument("--views", default=None, metavar="CLIPSxCROPS",
+                   help="multi-view testing of video models: e.g. 4x3 = 4 temporal clips x 3 spatial crops per "
+                        "clip, probabilities averaged (as Video Swin is tested); --batch-size counts clips")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
 
@@ -181,11 +184,12 @@ def _cmd_eval(args) -> int:
     stats = evaluate_checkpoint(args.checkpoint, args.data, model=args.model,
                                 model_kwargs=parse_model_kwargs(args.model_kwargs), batch_size=args.batch_size,
                                 device=args.device, workers=args.workers, strict=args.strict, amp=args.amp,
-                                limit_batches=args.limit_batches)
+                                limit_batches=args.limit_batches, views=args.views)
     if args.json:
         print(json.dumps(stats, default=list))
     else:
         kw = f" {stats['model_kwargs']}" if stats["model_kwargs"] else ""
-        print(f"{stats['model']}{kw} on {stats['data']} ({stats['images']} images): top-1 {stats['top1']:.2f}  "
+        views = f", {stats['views']} views each" if stats.get("views", "1x1") != "1x1" else ""
+        print(f"{stats['model']}{kw} on {stats['data']} ({stats['images']} images{views}): top-1 {stats['top1']:.2f}  "
               f"top-5 {stats['top5']:.2f}  loss {stats['loss']:.4f}")
     return 0

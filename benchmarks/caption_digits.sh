@@ -7,7 +7,7 @@
 #  2. each encoder frozen, a caption decoder trained on its tokens with one recipe;
 #  3. BLEU-4 / CIDEr-D on the test split, encoder GMACs, decoder GMACs per caption, captions/s.
 # Finished steps are reused (delete OUT to start again). About an hour on a shared 2-core CPU.
-# Usage: bash benchmarks/caption_digits.sh [OUT_DIR]
+# Usage: bash benchmarks/caption_digits.sh [OUT_DIR]   (CONDENSEVIT / PYTHON: the command and interpreter to use)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench_out/caption}
@@ -36,3 +36,28 @@ wait
 for e in vit stvit lookupvit; do
     [ -f "$out/encoders/$e/summary.json" ] || { echo "encoder $e failed: see $out/encoders/$e.log"; exit 1; }
 done
+
+# ---- 2. captioners: the encoder frozen, one decoder recipe for all (tokens cached: the encoder is frozen)
+CAP_RECIPE="--data digit_scenes --epochs 15 --batch-size 32 --lr 1e-3 --warmup-epochs 1 --dim 128 --depth 2
+            --num-heads 4 --dropout 0.1 --smoothing 0.1 --cache-tokens --no-progress"
+train_captioner() {  # short-name encoder-run [extra caption-train options...]
+    local short=$1 enc=$2; shift 2
+    if [ -f "$out/captioners/$short/summary.json" ]; then echo "captioner $short: done already"; return; fi
+    local resume=()
+    [ -f "$out/captioners/$short/last.state.pth" ] && resume=(--resume auto)
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 "${CV[@]}" caption train --encoder-checkpoint "$out/encoders/$enc/last.safetensors" \
+        $CAP_RECIPE "$@" --output "$out/captioners/$short" "${resume[@]}"
+}
+mkdir -p "$out/captioners"
+train_captioner vit vit > "$out/captioners/vit.log" 2>&1 &
+train_captioner stvit stvit > "$out/captioners/stvit.log" 2>&1 &
+train_captioner lookupvit_3x3 lookupvit --encoder-kwargs compressed_grid=3x3 > "$out/captioners/lookupvit_3x3.log" 2>&1 &
+wait
+train_captioner lookupvit_2x2 lookupvit --encoder-kwargs compressed_grid=2x2 > "$out/captioners/lookupvit_2x2.log" 2>&1 &
+train_captioner lookupvit_4x4 lookupvit --encoder-kwargs compressed_grid=4x4 > "$out/captioners/lookupvit_4x4.log" 2>&1 &
+wait
+
+# ---- 3. test-split scores, GMACs per caption, captions/s in alternating rounds -> OUT/report.md
+read -r -a PY <<< "${PYTHON:-.venv/bin/python}"
+OMP_NUM_THREADS=1 "${PY[@]}" benchmarks/caption_report.py "$out" vit stvit lookupvit_2x2 lookupvit_3x3 lookupvit_4x4

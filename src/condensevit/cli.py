@@ -1,4 +1,4 @@
-"""The command line: ``condensevit {bench, models, train, eval, demo, viz}``.
+"""The command line: ``condensevit {bench, models, train, eval, demo, viz, caption}``.
 
 Each subcommand module exposes ``add_parser(subparsers)`` that registers its parser with
 ``set_defaults(func=handler)``; the handler takes the parsed namespace and returns an exit code.
@@ -25,6 +25,7 @@ _SUBCOMMANDS = (
     ("condensevit.train.cli", "add_parser"),  # train, eval
     ("condensevit.demo", "add_parser"),       # demo
     ("condensevit.viz", "add_parser"),        # viz
+    ("condensevit.caption.cli", "add_parser"),  # caption train|eval|predict
 )
 
 

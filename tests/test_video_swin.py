@@ -264,3 +264,17 @@ def test_bad_configurations_are_value_errors(kw, match):
 
 def test_the_condensed_class_is_the_baselines_subclass():
     assert issubclass(STViTVideoSwin, VideoSwin) and issubclass(VideoSwin, SwinTransformer3d)
+
+
+@pytest.mark.parametrize("family", ["video_swin", "stvit_video_swin"])
+def test_dropout_keywords_mean_what_they_mean_in_timm(family):
+    """``drop_rate`` drops before the classifier only (timm's meaning); ``proj_drop_rate`` is
+    torchvision's ``dropout`` (embedding, projections, MLPs, which torchvision ties together)."""
+    m = small(family, drop_rate=0.5, drop_path_rate=0.0).train()
+    x = clips(1)
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_features(x), m.forward_features(x))   # the trunk drops nothing
+        feats = m.forward_features(x)
+        assert not torch.equal(m.forward_head(feats, pre_logits=True), m.forward_head(feats, pre_logits=True))
+    m = small(family, proj_drop_rate=0.2)
+    assert m.pos_drop.p == 0.2 and m.features[0][0].attn.dropout == 0.2 and m.head_drop.p == 0.0

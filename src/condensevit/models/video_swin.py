@@ -99,7 +99,9 @@ class VideoSwin(SwinTransformer3d):
             torchvision's, it takes other lengths and frame sizes too.
         in_chans, num_classes (400: Kinetics-400), global_pool ('avg' or '').
         patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio: Video Swin's.
-        drop_rate, attn_drop_rate, drop_path_rate: torchvision's ``dropout``,
+        drop_rate: dropout before the classifier (timm's meaning; torchvision has none).
+        proj_drop_rate, attn_drop_rate, drop_path_rate: torchvision's ``dropout`` (one rate for the
+            embedding, the attention projections and the MLPs: torchvision ties them),
             ``attention_dropout``, ``stochastic_depth_prob`` (0.1 for T and S in torchvision).
         device, dtype: where and in what type the parameters and buffers are made (timm's factory
             keywords). torchvision's constructor takes neither: it runs under ``torch.device(device)``
@@ -116,7 +118,8 @@ class VideoSwin(SwinTransformer3d):
     def __init__(self, *, img_size=224, num_frames: int = 32, in_chans: int = 3, num_classes: int = 400,
                  global_pool: str = "avg", patch_size=(2, 4, 4), embed_dim: int = 96,
                  depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=(8, 7, 7), mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1,
                  device=None, dtype=None):
         img_size = _ints(img_size, "img_size", 2, "224 or (224, 224)")
         patch_size = _ints(patch_size, "patch_size", 3, "(2, 4, 4)")
@@ -132,11 +135,12 @@ class VideoSwin(SwinTransformer3d):
         with torch.device(device) if device is not None else nullcontext():
             super().__init__(
                 patch_size=list(patch_size), embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
-                window_size=list(window_size), mlp_ratio=mlp_ratio, dropout=drop_rate,
+                window_size=list(window_size), mlp_ratio=mlp_ratio, dropout=proj_drop_rate,
                 attention_dropout=attn_drop_rate, stochastic_depth_prob=drop_path_rate,
                 num_classes=max(num_classes, 1), patch_embed=partial(PatchEmbed3d, in_channels=in_chans))
             if num_classes <= 0:
                 self.head = nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -229,6 +233,7 @@ class VideoSwin(SwinTransformer3d):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
             x = x.mean(dim=tuple(range(1, x.dim() - 1)))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:

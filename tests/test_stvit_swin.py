@@ -197,7 +197,8 @@ def test_own_checkpoint_round_trips_through_a_file(tmp_path):
     m = _tiny().eval()
     path = tmp_path / "stvit_swin.pth"
     torch.save({"model": m.state_dict()}, path)
-    m2 = timm.create_model(T, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)), **TINY).eval()
+    m2 = timm.create_model(T, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)),
+                           **TINY).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(m2(x), m(x))

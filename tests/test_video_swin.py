@@ -21,7 +21,9 @@ from condensevit.models.video_swin import (
     SpaceTimeSemanticTokenBlock, STViTVideoSwin, VideoSwin, space_time_semantic_index, stvit_checkpoint_filter_fn,
 )
 
-from contract import check_all_parameters_trained, check_classifier_contract, check_grad_checkpointing, check_optim_helpers
+from contract import (
+    check_all_parameters_trained, check_classifier_contract, check_grad_checkpointing, check_optim_helpers,
+)
 
 NAMES = {(f, s): f"{f}_{s}_patch2x4x4_window8x7x7" for f in ("video_swin", "stvit_video_swin") for s in ("tiny", "small")}
 ARCH = dict(embed_dim=16, depths=(2, 2, 6, 2), num_heads=(1, 2, 2, 4), window_size=(2, 4, 4))

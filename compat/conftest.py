@@ -8,9 +8,11 @@ Selection rules (each mirrors how timm sorts its own models):
 
 * one variant per family (``FAMILIES``): the small ``test_*`` ones (``COMPAT_VARIANTS=tiny``: the
   ``*_tiny_*`` ones);
-* timm's ``NON_STD_FILTERS`` (ViT, DeiT, ...: token-sequence outputs) select our ViT-based families;
-  excluding them (the "standard" tests, whose ``forward_features`` is a spatial map) leaves our
-  Swin-based ones, as timm's Swin is standard;
+* timm's ``NON_STD_FILTERS`` (ViT, DeiT, ...: token-sequence outputs) select our ViT-based families
+  and the Video Swin ones (a 5-D (B, T, H, W, C) map, which timm's "standard" tests, written for 4-D
+  image maps, cannot read; they declare the channel axis as ``feature_dim``, as timm's non-standard
+  tests ask); excluding them (the "standard" tests, whose ``forward_features`` is a spatial map)
+  leaves our image Swin-based ones, as timm's Swin is standard;
 * ``module=...`` (models with ``forward_intermediates``): every family (all have it);
 * ``pretrained=True`` / ``list_pretrained``: the ``*_tiny_*`` variants with weights;
 * any other ``filter`` names timm families (``efficientnet_[hx]_*`` ...): none of ours;
@@ -28,7 +30,8 @@ import condensevit  # noqa: F401  (registers the models)
 
 import os
 
-# one variant per family -> what its forward_features gives. The test_* variants (small, untrained,
+# one variant per family -> what its forward_features gives ('tokens' (B, N, C), 'spatial' (B, H, W, C),
+# 'video' (B, T, H, W, C)). The test_* variants (small, untrained,
 # timm's convention for fast generic tests) by default; COMPAT_VARIANTS=tiny selects the ViT-Ti /
 # Swin-T sized *_tiny_* variants instead (minutes more on two cores: 16-frame video at 224).
 _VARIANTS = {
@@ -40,6 +43,9 @@ _VARIANTS = {
         "test_lookupvit_video": "tokens",
         "test_stvit_r": "spatial",
         "test_stvit_r_det": "spatial",
+        "test_stvit_swin": "spatial",
+        "test_video_swin": "video",
+        "test_stvit_video_swin": "video",
     },
     "tiny": {
         "stvit_deit_tiny_patch16_224": "tokens",
@@ -49,12 +55,16 @@ _VARIANTS = {
         "lookupvit_video_tiny_patch2x16_224": "tokens",
         "stvit_r_swin_tiny_patch4_window7_224": "spatial",
         "stvit_r_det_swin_tiny_patch4_window7": "spatial",
+        "stvit_swin_tiny_patch4_window7_224": "spatial",
+        "video_swin_tiny_patch2x4x4_window8x7x7": "video",
+        "stvit_video_swin_tiny_patch2x4x4_window8x7x7": "video",
     },
 }
 _variant = os.environ.get("COMPAT_VARIANTS", "test")
 if _variant not in _VARIANTS:
     raise ValueError(f"COMPAT_VARIANTS={_variant!r} must be one of {sorted(_VARIANTS)}")
 FAMILIES = _VARIANTS[_variant]
+NON_STD = {"tokens", "video"}   # the kinds timm's non-standard tests take
 
 _HUB = ("downloads weights from the Hugging Face hub, which CI cannot reach; the same loading (pretrained=True "
         "with in_chans=1, num_classes=5 / 0, features_only) runs offline from a local state dict in "
@@ -86,11 +96,11 @@ def list_models(filter="", module="", pretrained=False, exclude_filters="", name
     if filters:
         if not _is_non_std_filter(filters):
             return []
-        kinds = {"tokens"}
+        kinds = NON_STD
     elif _is_non_std_filter(excludes):
         kinds = {"spatial"}
     else:
-        kinds = {"tokens", "spatial"}
+        kinds = NON_STD | {"spatial"}
     # tests of pretrained weights take the variants that have weights (the test_* ones have none)
     names = [n for n, kind in (_VARIANTS["tiny"] if pretrained else FAMILIES).items() if kind in kinds]
     # timm's own filtering (tags, pretrained, name_matches_cfg, its size/memory exclusions) on top

@@ -30,7 +30,10 @@ import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-FAMILIES = ("stvit", "stvit_r", "stvit_r_det", "lookupvit", "vit_video", "stvit_video", "lookupvit_video")
+FAMILIES = ("stvit", "stvit_r", "stvit_r_det", "stvit_swin", "lookupvit", "vit_video", "stvit_video",
+            "lookupvit_video", "video_swin", "stvit_video_swin")
+# the name before '_tiny' of the families whose variant names say more than the family
+_PREFIXES = {"stvit_deit": "stvit", "stvit_r_swin": "stvit_r", "stvit_r_det_swin": "stvit_r_det"}
 
 
 def family(model: str) -> str | None:
@@ -39,8 +42,8 @@ def family(model: str) -> str | None:
     if name.startswith("test_"):
         name = name[len("test_"):]
     else:
-        name = name.replace("_deit", "").replace("_swin", "")
         name = name.split("_tiny")[0]
+        name = _PREFIXES.get(name, name)
     return name if name in FAMILIES else None
 
 

@@ -10,6 +10,9 @@ import torch
 import torch.nn as nn
 from timm.models import group_parameters
 
+# forward_features layouts that are channels-last maps: timm's Swin's (B, H, W, C), Video Swin's (B, T, H, W, C)
+CHANNELS_LAST = ("NHWC", "NTHWC")
+
 
 def check_classifier_contract(model: nn.Module, x: torch.Tensor, num_classes: int, **fwd):
     """forward / forward_features / forward_head / reset_classifier / get_classifier."""
@@ -19,8 +22,9 @@ def check_classifier_contract(model: nn.Module, x: torch.Tensor, num_classes: in
         assert out.shape == (x.shape[0], num_classes)
         assert torch.isfinite(out).all()
         feats = model.forward_features(x, **fwd)
-        if getattr(model, "output_fmt", None) == "NHWC":   # Swin-based: a channels-last map, as timm's Swin
-            assert feats.dim() == 4 and feats.shape[0] == x.shape[0], "forward_features gives (B, H, W, C)"
+        if getattr(model, "output_fmt", None) in CHANNELS_LAST:   # Swin-based: a channels-last map, as timm's Swin
+            assert feats.dim() == x.dim() and feats.shape[0] == x.shape[0] and feats.shape[-1] == model.num_features, \
+                f"forward_features gives (B, {model.output_fmt[1:]}), not {tuple(feats.shape)}"
         else:
             assert feats.dim() == 3 and feats.shape[0] == x.shape[0], "forward_features gives (B, tokens, C)"
         pre = model.forward_head(feats, pre_logits=True)
@@ -127,8 +131,10 @@ def check_factory_device_dtype(name: str, x: torch.Tensor, **kwargs):
 
 
 def check_reset_classifier_follows_model(model: nn.Module, x: torch.Tensor, **fwd):
-    """``reset_classifier`` builds the new head on the model's device and dtype, in its mode."""
+    """``reset_classifier`` builds the new head on the model's device and dtype, in its mode (also
+    after ``reset_classifier(0)``, when the head has no parameters left to tell them)."""
     m = copy.deepcopy(model).to(torch.float64).eval()
+    m.reset_classifier(0)
     m.reset_classifier(3)
     assert all(p.dtype == torch.float64 for p in m.get_classifier().parameters())
     assert not any(mod.training for mod in m.modules()), "reset_classifier left a module in train mode"
@@ -182,7 +188,8 @@ def check_pretrained_loading(name: str, source: dict, x: torch.Tensor, first_con
             m(torch.cat([x] * 2, dim=1)[:, :c])
     if img_size is not None:
         m = load(img_size=img_size)
-        same_weights(m, skip={"pos_embed"})
+        own = m.state_dict()   # sized for the image (pos_embed, Swin tables of other windows): resized, not equal
+        same_weights(m, skip={"pos_embed"} | {k for k, v in own.items() if k in ref_sd and v.shape != ref_sd[k].shape})
         with torch.no_grad():
             m(torch.randn(*x.shape[:-2], *((img_size,) * 2 if isinstance(img_size, int) else img_size)))
     for pool in global_pools:
@@ -254,8 +261,8 @@ def check_prune_intermediate_layers(model: nn.Module, x: torch.Tensor):
             torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0],
                                        taps[i])
             feats = pruned.forward_features(x)
-        if feats.dim() == 4 and getattr(pruned, "output_fmt", None) == "NHWC":
-            torch.testing.assert_close(feats.permute(0, 3, 1, 2), taps[i])
+        if getattr(pruned, "output_fmt", None) in CHANNELS_LAST and feats.dim() == taps[i].dim():
+            torch.testing.assert_close(feats.movedim(-1, 1), taps[i])
         pruned.train()
         out = pruned.forward_intermediates(x, indices=take, intermediates_only=True)
         (out[0].sum() + pruned.forward_features(x).sum()).backward()

@@ -18,8 +18,9 @@ from contract import (
     check_reset_classifier_follows_model,
 )
 
-FAMILIES = ("stvit", "stvit_r", "stvit_r_det", "lookupvit", "vit_video", "stvit_video", "lookupvit_video")
-VIDEO = ("vit_video", "stvit_video", "lookupvit_video")
+FAMILIES = ("stvit", "stvit_r", "stvit_r_det", "stvit_swin", "lookupvit", "vit_video", "stvit_video", "lookupvit_video",
+            "video_swin", "stvit_video_swin")
+_SWIN_WIDTHS = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8))   # the Swin-based test_* variants
 
 
 def _input(family: str, b: int = 2) -> torch.Tensor:
@@ -28,18 +29,27 @@ def _input(family: str, b: int = 2) -> torch.Tensor:
 
 
 def _image_source(family: str) -> dict:
-    """An ImageNet-style checkpoint each family initialises from: a timm ViT / DeiT of the test
-    variant's widths (class token, 1000 classes), or an STViT-R of its own."""
+    """The checkpoint each family initialises from, at the test variant's widths: a timm ViT / DeiT
+    (class token, 1000 classes), a timm Swin (STViT on Swin), a torchvision Video Swin (400 classes;
+    both Video Swin families), or an STViT-R of its own."""
     if family.startswith("stvit_r"):
         return timm.create_model(f"test_{family}", num_classes=1000 if family == "stvit_r" else 0).state_dict()
-    deit = family.startswith("stvit")   # STViT initialises from DeiT, the others from ViT
-    img, depth = {"stvit": (96, 6), "lookupvit": (96, 4)}.get(family, (64, 4))
-    vit = timm.create_model("deit_tiny_patch16_224" if deit else "vit_tiny_patch16_224", img_size=img,
-                            embed_dim=64, depth=depth, num_heads=2)
+    if family == "stvit_swin":
+        src = timm.create_model("swin_tiny_patch4_window7_224", **_SWIN_WIDTHS)
+    elif family.endswith("video_swin"):
+        from torchvision.models.video.swin_transformer import SwinTransformer3d
+        w = _SWIN_WIDTHS
+        src = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=w["embed_dim"], depths=list(w["depths"]),
+                                num_heads=list(w["num_heads"]), window_size=[8, 7, 7], num_classes=400)
+    else:
+        deit = family.startswith("stvit")   # STViT initialises from DeiT, the others from ViT
+        img, depth = {"stvit": (96, 6), "lookupvit": (96, 4)}.get(family, (64, 4))
+        src = timm.create_model("deit_tiny_patch16_224" if deit else "vit_tiny_patch16_224", img_size=img,
+                                embed_dim=64, depth=depth, num_heads=2)
     with torch.no_grad():
-        for p in vit.parameters():   # norms and biases away from their defaults, as in trained weights
+        for p in src.parameters():   # norms and biases away from their defaults, as in trained weights
             p.add_(torch.randn_like(p) * 0.01)
-    return vit.state_dict()
+    return src.state_dict()
 
 
 # ---- 1. factory keywords ---------------------------------------------------------------------------
@@ -51,9 +61,10 @@ def test_factory_device_and_dtype(family):
 def test_factory_keywords_on_full_size_variants():
     """The issue's calls, at full size (meta device: no memory)."""
     for name in ("stvit_deit_tiny_patch16_224", "stvit_r_swin_tiny_patch4_window7_224",
-                 "stvit_r_det_swin_tiny_patch4_window7", "lookupvit_tiny_patch16_224",
-                 "vit_video_tiny_patch2x16_224", "stvit_video_tiny_patch2x16_224",
-                 "lookupvit_video_tiny_patch2x16_224"):
+                 "stvit_r_det_swin_tiny_patch4_window7", "stvit_swin_tiny_patch4_window7_224",
+                 "lookupvit_tiny_patch16_224", "vit_video_tiny_patch2x16_224", "stvit_video_tiny_patch2x16_224",
+                 "lookupvit_video_tiny_patch2x16_224", "video_swin_tiny_patch2x4x4_window8x7x7",
+                 "stvit_video_swin_tiny_patch2x4x4_window8x7x7"):
         m = timm.create_model(name, device="meta", dtype=torch.bfloat16)
         assert {t.device.type for t in [*m.parameters(), *m.buffers()]} == {"meta"}, name
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16}, name
@@ -61,14 +72,18 @@ def test_factory_keywords_on_full_size_variants():
 
 # ---- 2. pretrained loading with the usual keywords -------------------------------------------------
 _STGM_NEW, _LOOKUP_NEW = ("center_pool.*", "global_centers"), LOOKUP_ONLY_KEYS   # what a ViT cannot have
+_SEMANTIC_NEW = ("*.layer_scale_1", "*.layer_scale_2", "*.global_centers")          # what a (Video) Swin cannot have
 _LOADING = {
     "stvit": dict(img_size=128, global_pools=("", "avg"), new_keys=_STGM_NEW),
     "stvit_r": dict(global_pools=("", "avg")),           # 224x224 only (a ValueError names the dense form)
     "stvit_r_det": dict(global_pools=("", "avg")),       # any input size: no img_size to ask for
+    "stvit_swin": dict(img_size=128, global_pools=("", "avg"), new_keys=_SEMANTIC_NEW),
     "lookupvit": dict(img_size=128, global_pools=("", "avg", "both"), new_keys=_LOOKUP_NEW),
     "vit_video": dict(img_size=96, global_pools=("", "avg")),
     "stvit_video": dict(img_size=96, global_pools=("", "avg"), new_keys=_STGM_NEW),
     "lookupvit_video": dict(img_size=96, global_pools=("", "avg", "both"), new_keys=_LOOKUP_NEW),
+    "video_swin": dict(img_size=96, global_pools=("", "avg")),
+    "stvit_video_swin": dict(img_size=96, global_pools=("", "avg"), new_keys=_SEMANTIC_NEW),
 }
 
 
@@ -167,10 +182,13 @@ def test_dense_backbone_pruned_to_the_first_stage():
 def test_classifier_contract_and_output_layout(family):
     m = timm.create_model(f"test_{family}", num_classes=5)
     check_classifier_contract(m, _input(family), 5)
-    if family.startswith("stvit_r"):   # as timm's Swin: (B, H/32, W/32, C)
-        assert m.output_fmt == "NHWC"
+    if "swin" in family or family.startswith("stvit_r"):   # Swin-based: channels-last maps, as timm's Swin
         with torch.no_grad():
-            assert m.forward_features(_input(family, 1)).shape == (1, *m.pretrained_cfg["pool_size"], m.num_features)
+            feats = m.forward_features(_input(family, 1))
+        if "video" in family:   # (B, T', H', W', C): 4 frames of 64x64 end as a 2x2x2 map
+            assert m.output_fmt == "NTHWC" and m.feature_dim == -1 and feats.shape == (1, 2, 2, 2, m.num_features)
+        else:                   # (B, H', W', C), the cfg's pool size
+            assert m.output_fmt == "NHWC" and feats.shape == (1, *m.pretrained_cfg["pool_size"], m.num_features)
 
 
 def test_stvit_r_forward_features_matches_swin_layout():
@@ -222,30 +240,37 @@ def test_lookupvit_cast_to_bfloat16_at_full_size_runs():
 
 
 # ---- 11. video input config ------------------------------------------------------------------------
+_JOINT = dict(img_size=32, embed_dim=32, depth=2, num_heads=2)
+VIDEO = {   # a tiny variant of each video family, small but with its full-size clip length (16 or 32 frames)
+    "vit_video": ("vit_video_tiny_patch2x16_224", _JOINT),
+    "stvit_video": ("stvit_video_tiny_patch2x16_224", dict(_JOINT, semantic_grid=(2, 1, 1), stgm_start=0)),
+    "lookupvit_video": ("lookupvit_video_tiny_patch2x16_224", dict(_JOINT, compressed_grid=(2, 1, 1))),
+    "video_swin": ("video_swin_tiny_patch2x4x4_window8x7x7", dict(_SWIN_WIDTHS, img_size=32)),
+    "stvit_video_swin": ("stvit_video_swin_tiny_patch2x4x4_window8x7x7", dict(_SWIN_WIDTHS, img_size=64)),
+}
+
+
 @pytest.mark.parametrize("family", VIDEO)
 def test_video_frame_count_survives_timm_config_round_trips(family, tmp_path):
     from timm.data import resolve_data_config, resolve_input_data_config
     from timm.models import save_for_hf
 
-    name = f"{family}_tiny_patch2x16_224"
-    kw = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    if family == "stvit_video":
-        kw.update(semantic_grid=(2, 1, 1), stgm_start=0)
-    elif family == "lookupvit_video":
-        kw.update(compressed_grid=(2, 1, 1))
-    m = timm.create_model(name, **kw).eval()
-    assert m.num_frames == 16 and m.input_size == (3, 16, 32, 32)
-    # timm's legacy resolver reads the (source) pretrained cfg: clips of 16 frames; the current one
+    name, kw = VIDEO[family]
+    T = timm.get_pretrained_cfg(name).input_size[1]
+    S = kw["img_size"]
+    m = timm.create_model(name, num_classes=5, **kw).eval()
+    assert T in (16, 32) and m.num_frames == T and m.input_size == (3, T, S, S)
+    # timm's legacy resolver reads the (source) pretrained cfg: clips of T frames; the current one
     # gives the per-frame (C, H, W) transform of this model (timm's data configs are images)
-    assert resolve_data_config(model=m)["input_size"] == (3, 16, 224, 224)
-    assert resolve_input_data_config(m)["input_size"] == (3, 32, 32)
+    assert resolve_data_config(model=m)["input_size"] == (3, T, 224, 224)
+    assert resolve_input_data_config(m)["input_size"] == (3, S, S)
     # timm's export writes (C, H, W) sizes; the frame count travels as a model argument
     save_for_hf(m, str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_args"]["num_frames"] == 16
+    assert cfg["model_args"]["num_frames"] == T
     reloaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
-    assert reloaded.num_frames == 16 and reloaded.pretrained_cfg["input_size"] == (3, 16, 32, 32)
-    x = torch.randn(1, 3, 16, 32, 32)
+    assert reloaded.num_frames == T and reloaded.pretrained_cfg["input_size"] == (3, T, S, S)
+    x = torch.randn(1, 3, T, S, S)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), m(x))
 
@@ -257,3 +282,6 @@ def test_video_cfg_frame_count_builds_the_model():
     assert m.num_frames == 8 and m.img_size == (32, 32) and m.pretrained_cfg["input_size"] == (3, 8, 32, 32)
     m = timm.create_model("vit_video_tiny_patch2x16_224", num_frames=4, img_size=32, **kw)   # a keyword wins
     assert m.input_size == (3, 4, 32, 32) and m.pretrained_cfg["input_size"] == (3, 16, 224, 224)
+    m = timm.create_model("stvit_video_swin_tiny_patch2x4x4_window8x7x7", device="meta",
+                          pretrained_cfg_overlay=dict(input_size=(3, 8, 64, 64)))
+    assert m.num_frames == 8 and m.img_size == (64, 64) and m.features[4].size == (4, 4, 4)

@@ -17,7 +17,10 @@ from condensevit.models import CheckpointError
 from condensevit.models.stvit_r import SemanticBlock, SemanticTokenBlock, SwinBlock
 from condensevit.models.stvit_swin import checkpoint_filter_fn, semantic_index
 
-from contract import check_all_parameters_trained, check_features_only, check_grad_checkpointing, check_optim_helpers
+from contract import (
+    check_all_parameters_trained, check_classifier_contract, check_features_only, check_grad_checkpointing,
+    check_optim_helpers,
+)
 
 TINY = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8))
 T, S, B = (f"stvit_swin_{s}_patch4_window7_224" for s in ("tiny", "small", "base"))
@@ -90,24 +93,18 @@ def test_window_neighbourhoods_stay_inside_any_map():
 # ---------------------------------------------------------------------------------------------
 
 def test_classifier_contract_channels_last_like_timms_swin():
-    m = _tiny(img_size=112).eval()
-    x = torch.randn(2, 3, 112, 112)
+    """The shared contract at 224 (four stage-3 windows; tests/test_contract.py runs every other kind
+    on test_stvit_swin), the (B, 3, 3, C) grid channels-last as timm's Swin."""
+    m = _tiny().eval()
+    x = torch.randn(2, 3, 224, 224)
+    check_classifier_contract(m, x, 10)
+    assert m.output_fmt == "NHWC" and m.pretrained_cfg["pool_size"] == (3, 3)
     with torch.no_grad():
-        out = m(x)
-        feats = m.forward_features(x)
-        assert out.shape == (2, 10) and feats.shape == (2, 2, 2, 256)   # 7x7 map: one window -> 3x3 -> 2x2
-        assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
-        torch.testing.assert_close(m.forward_head(feats), out)
-    for n in (7, 0):
-        c = copy.deepcopy(m)
-        c.reset_classifier(n)
-        with torch.no_grad():
-            assert c(x).shape == (2, n or m.num_features)
-    c = copy.deepcopy(m).to(torch.float64)
+        assert m.forward_features(x).shape == (2, 3, 3, 256)
+    c = copy.deepcopy(m)
     c.reset_classifier(3, "")
-    assert c.get_classifier().weight.dtype == torch.float64 and not c.get_classifier().training
     with torch.no_grad():
-        assert c.forward_head(c.forward_features(x.double())).shape == (2, 2, 2, 3)
+        assert c(x).shape == (2, 3, 3, 3)
     check_optim_helpers(m)
     assert {"layers.2.global_centers", "layers.0.blocks.0.attn.relative_position_bias_table"} <= m.no_weight_decay()
 
@@ -132,13 +129,17 @@ def test_features_only_and_intermediates():
 
 
 def test_a_meta_built_model_recovers_its_geometry_buffers():
-    """(The Swin blocks' relative position index is STViT-R's WindowAttention's, outside this family.)"""
+    """At 224 (shifted stage-3 windows): the semantic index, the shift mask and the Swin blocks'
+    relative position index are rebuilt after ``to_empty`` (the shared check runs test_stvit_swin)."""
     from timm.models._manipulate import reinit_non_persistent_buffers
     ref = _tiny()
     m = _meta(T, num_classes=10, **TINY).to_empty(device="cpu")
     reinit_non_persistent_buffers(m)
     for name in ("semantic_index", "attn_mask"):
         assert torch.equal(getattr(m.layers[2], name), getattr(ref.layers[2], name)), name
+    for i in (0, 2, 3):
+        a, b = m.layers[i].blocks[0].attn, ref.layers[i].blocks[0].attn
+        assert torch.equal(a.relative_position_index, b.relative_position_index), i
     assert ref.layers[2].semantic_index.shape == (4, 9 + 100) and ref.layers[2].attn_mask.shape == (4, 1, 49, 49)
 
 
@@ -163,8 +164,7 @@ def _to_original_layout(sd):
 def test_swin_weights_load_and_the_first_stages_compute_swins_features(layout):
     swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **TINY).eval()
     sd = swin.state_dict() if layout == "timm" else _to_original_layout(swin.state_dict())
-    m = timm.create_model(T, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(state_dict=sd, num_classes=10),
-                          **TINY).eval()
+    m = timm.create_model(T, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(state_dict=sd), **TINY).eval()
     own = m.state_dict()
     ref = swin.state_dict()
     # a semantic block: q / kv split from qkv, the rest as it is
@@ -197,7 +197,7 @@ def test_own_checkpoint_round_trips_through_a_file(tmp_path):
     m = _tiny().eval()
     path = tmp_path / "stvit_swin.pth"
     torch.save({"model": m.state_dict()}, path)
-    m2 = timm.create_model(T, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+    m2 = timm.create_model(T, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)),
                            **TINY).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

@@ -21,7 +21,9 @@ from condensevit.models.video_swin import (
     SpaceTimeSemanticTokenBlock, STViTVideoSwin, VideoSwin, space_time_semantic_index, stvit_checkpoint_filter_fn,
 )
 
-from contract import check_all_parameters_trained, check_grad_checkpointing, check_optim_helpers
+from contract import (
+    check_all_parameters_trained, check_classifier_contract, check_grad_checkpointing, check_optim_helpers,
+)
 
 NAMES = {(f, s): f"{f}_{s}_patch2x4x4_window8x7x7" for f in ("video_swin", "stvit_video_swin") for s in ("tiny", "small")}
 ARCH = dict(embed_dim=16, depths=(2, 2, 6, 2), num_heads=(1, 2, 2, 4), window_size=(2, 4, 4))
@@ -49,7 +51,8 @@ def _meta(name, **kw):
 
 # ------------------------------------------------------------------------------ registration, figures
 def test_variants_are_registered_with_video_cfgs():
-    assert set(timm.list_models("*video_swin*")) == set(NAMES.values())
+    assert set(timm.list_models("*video_swin_*_window8x7x7")) == set(NAMES.values())
+    assert set(timm.list_models("test_*video_swin")) == {"test_video_swin", "test_stvit_video_swin"}
     for name in NAMES.values():
         cfg = timm.get_pretrained_cfg(name)
         assert cfg.input_size == CLIP and cfg.num_classes == 400 and cfg.url.startswith("https://download.pytorch.org")
@@ -94,7 +97,7 @@ def test_space_time_keys_are_the_window_own_tokens_then_its_neighbourhood():
 def test_the_baseline_is_torchvisions_model():
     tv = torchvision_small().eval()
     m = timm.create_model(NAMES[("video_swin", "tiny")], pretrained=True,
-                          pretrained_cfg_overlay=dict(state_dict=tv.state_dict(), num_classes=10), **SMALL).eval()
+                          pretrained_cfg_overlay=dict(state_dict=tv.state_dict()), **SMALL).eval()
     assert isinstance(m, SwinTransformer3d)
     x = clips()
     with torch.no_grad():
@@ -107,7 +110,7 @@ def test_torchvision_weights_initialise_the_condensed_model():
     tv = torchvision_small().eval()
     sd = tv.state_dict()
     m = timm.create_model(NAMES[("stvit_video_swin", "tiny")], pretrained=True,
-                          pretrained_cfg_overlay=dict(state_dict=sd, num_classes=10), **SMALL).eval()
+                          pretrained_cfg_overlay=dict(state_dict=sd), **SMALL).eval()
     own = m.state_dict()
     torch.testing.assert_close(own["features.4.3.attn.qkv.weight"], sd["features.4.3.attn.qkv.weight"])
     torch.testing.assert_close(own["features.4.4.attn.q.weight"], sd["features.4.4.attn.qkv.weight"][:64])
@@ -156,7 +159,7 @@ def test_checkpoints_round_trip_with_the_usual_keywords(tmp_path):
     m = small("stvit_video_swin").eval()
     path = tmp_path / "m.pth"
     torch.save({"model": m.state_dict()}, path)
-    again = small("stvit_video_swin", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    again = small("stvit_video_swin", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     x = clips(1)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), m(x))
@@ -168,22 +171,17 @@ def test_checkpoints_round_trip_with_the_usual_keywords(tmp_path):
 # ------------------------------------------------------------------------------ timm contract
 @pytest.mark.parametrize("family", ["video_swin", "stvit_video_swin"])
 def test_classifier_contract_channels_last(family):
+    """The shared contract on these windows (two stage-3 windows; tests/test_contract.py runs every
+    other kind on the test_* variants), and a (B, T', H', W', C) map without pooling."""
     m = small(family).eval()
     x = clips()
-    grid = {"video_swin": (4, 2, 2), "stvit_video_swin": (4, 2, 2)}[family]
+    check_classifier_contract(m, x, 10)
     with torch.no_grad():
-        out, feats = m(x), m.forward_features(x)
-        assert out.shape == (2, 10) and feats.shape == (2, *grid, 128)
-        assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
-        torch.testing.assert_close(m.forward_head(feats), out)
-    c = copy.deepcopy(m).double()
-    c.reset_classifier(0)
-    with torch.no_grad():
-        assert c(x.double()).shape == (2, 128)
+        assert m.forward_features(x).shape == (2, 4, 2, 2, 128)
+    c = copy.deepcopy(m)
     c.reset_classifier(3, "")
-    assert c.get_classifier().weight.dtype == torch.float64 and not c.get_classifier().training
     with torch.no_grad():
-        assert c(x.double()).shape == (2, *grid, 3)
+        assert c(x).shape == (2, 4, 2, 2, 3)
     check_optim_helpers(m)
     assert "features.0.0.attn.relative_position_bias_table" in m.no_weight_decay()
 
@@ -268,3 +266,17 @@ def test_bad_configurations_are_value_errors(kw, match):
 
 def test_the_condensed_class_is_the_baselines_subclass():
     assert issubclass(STViTVideoSwin, VideoSwin) and issubclass(VideoSwin, SwinTransformer3d)
+
+
+@pytest.mark.parametrize("family", ["video_swin", "stvit_video_swin"])
+def test_dropout_keywords_mean_what_they_mean_in_timm(family):
+    """``drop_rate`` drops before the classifier only (timm's meaning); ``proj_drop_rate`` is
+    torchvision's ``dropout`` (embedding, projections, MLPs, which torchvision ties together)."""
+    m = small(family, drop_rate=0.5, drop_path_rate=0.0).train()
+    x = clips(1)
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_features(x), m.forward_features(x))   # the trunk drops nothing
+        feats = m.forward_features(x)
+        assert not torch.equal(m.forward_head(feats, pre_logits=True), m.forward_head(feats, pre_logits=True))
+    m = small(family, proj_drop_rate=0.2)
+    assert m.pos_drop.p == 0.2 and m.features[0][0].attn.dropout == 0.2 and m.head_drop.p == 0.0

@@ -174,20 +174,24 @@ def _keeping_a_fitting_classifier(filter_fn: Callable | None) -> Callable:
     timm's ``load_pretrained`` drops the classifier whenever the model's ``num_classes`` differs
     from the pretrained cfg's (1000 for ImageNet weights), even when the checkpoint holds a
     K-class classifier and the model was asked for K classes: the head would be re-initialised
-    without a word. When every classifier tensor of the checkpoint has the model's shape, the
-    (per-model copy of the) pretrained cfg is set to the model's class count, so it is loaded."""
+    without a word. When every classifier tensor of the *filtered* state dict (so a classifier the
+    filter renamed, e.g. an original Swin's ``head`` -> ``head.fc``, counts) has the model's shape,
+    the (per-model copy of the) pretrained cfg is set to the model's class count, so it is loaded.
+    (A filter that completes the state dict fills a classifier of another size from the model's
+    own: keeping that is the same as timm's dropping it.)"""
     def fn(state_dict, model):
+        out = filter_fn(state_dict, model) if filter_fn is not None else state_dict
         cfg = getattr(model, "pretrained_cfg", None)
         num_classes = getattr(model, "num_classes", 0)
         classifiers = (cfg or {}).get("classifier")
         if isinstance(cfg, dict) and classifiers and num_classes and cfg.get("num_classes") != num_classes:
-            raw = unwrap_state_dict(state_dict)
+            view = out if filter_fn is not None else unwrap_state_dict(out)
             own = model.state_dict()
             names = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
             keys = [f"{c}.{p}" for c in names for p in ("weight", "bias") if f"{c}.{p}" in own]
-            if keys and all(k in raw and tuple(raw[k].shape) == tuple(own[k].shape) for k in keys):
+            if keys and all(k in view and tuple(view[k].shape) == tuple(own[k].shape) for k in keys):
                 cfg["num_classes"] = num_classes
-        return filter_fn(state_dict, model) if filter_fn is not None else state_dict
+        return out
     return fn
 
 

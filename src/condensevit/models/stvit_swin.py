@@ -43,14 +43,14 @@ import fnmatch
 import math
 import re
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, PatchEmbed, resize_rel_pos_bias_table, trunc_normal_
+from timm.layers import ClassifierHead, PatchEmbed, get_device_dtype, resize_rel_pos_bias_table, trunc_normal_
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -102,8 +102,10 @@ class SemanticStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
                  qkv_bias: bool, proj_drop: float, attn_drop: float, drop_path: list[float], *,
                  resolution: tuple[int, int], stgm_start: int, semantic_size: int, semantic_kernel: int,
-                 semantic_shortcut: bool, global_centers: bool, layer_scale_init: float, downsample: bool):
+                 semantic_shortcut: bool, global_centers: bool, layer_scale_init: float, downsample: bool,
+                 device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         H, W = resolution
         shift = window_size // 2
         if min(resolution) <= window_size:   # a map no larger than the window is one unshifted window, as in Swin
@@ -117,23 +119,27 @@ class SemanticStage(nn.Module):
         common = (dim, num_heads, mlp_ratio, qkv_bias, proj_drop, attn_drop)
         blocks: list[nn.Module] = [
             SwinBlock(dim, num_heads, window_size, shift if i % 2 else 0, mlp_ratio, qkv_bias, proj_drop, attn_drop,
-                      drop_path[i]) for i in range(stgm_start)]
+                      drop_path[i], **dd) for i in range(stgm_start)]
         blocks.append(SemanticTokenBlock(
             *common, drop_path[stgm_start], window_size=window_size, semantic_size=n, shortcut=semantic_shortcut,
-            pooled_keys=True, padded=False, layer_scale_init=layer_scale_init))
-        blocks.append(SemanticBlock(*common, drop_path[stgm_start + 1], layer_scale_init=layer_scale_init))
+            pooled_keys=True, padded=False, layer_scale_init=layer_scale_init, **dd))
+        blocks.append(SemanticBlock(*common, drop_path[stgm_start + 1], layer_scale_init=layer_scale_init, **dd))
         for j, i in enumerate(range(stgm_start + 2, depth)):
             blocks.append(SemanticBlock(*common, drop_path[i], local_window=n if j % 2 == 0 else None,
-                                        layer_scale_init=layer_scale_init))
+                                        layer_scale_init=layer_scale_init, **dd))
         self.blocks = nn.ModuleList(blocks)
         if global_centers:
-            self.global_centers = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
-            trunc_normal_(self.global_centers, std=0.02)
+            self.global_centers = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim, **dd))
         else:
             self.global_centers = None
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.init_weights()
+        self.downsample = PatchMerging(dim, **dd) if downsample else None
         self.grad_checkpointing = False
         self.init_non_persistent_buffers()
+
+    def init_weights(self) -> None:
+        if self.global_centers is not None:
+            trunc_normal_(self.global_centers, std=0.02)
 
     def init_non_persistent_buffers(self) -> None:
         """Build the geometry buffers (again, e.g. after ``to_empty`` from the meta device; timm's
@@ -173,6 +179,9 @@ class SemanticStage(nn.Module):
 class STViTSwin(nn.Module):
     """STViT on Swin without recovery (see the module docstring).
 
+    ``forward_features`` gives the channels-last grid (B, h, w, C) as timm's Swin
+    (``output_fmt = 'NHWC'``); ``forward_head`` averages it over (h, w) (``global_pool='avg'``).
+
     Args:
         img_size: input size (a multiple of 4); the model takes this size only, as timm's Swin.
         patch_size, in_chans, num_classes, global_pool ('avg' or ''), embed_dim, depths, num_heads,
@@ -192,8 +201,11 @@ class STViTSwin(nn.Module):
         stem: 'patch' (Swin's patch embedding: Swin weights load) or 'conv' (STViT-R's stem).
         drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: regularisation (stochastic depth
             rising linearly over all blocks).
-        device, dtype: where and in what type the parameters are made (timm's factory keywords).
+        device, dtype: where and in what type the parameters and buffers are made (timm's factory
+            keywords; ``device='meta'`` builds without memory: ``to_empty`` then ``init_weights()``,
+            or a state dict and timm's ``reinit_non_persistent_buffers``, materialise it).
     """
+    output_fmt = "NHWC"
 
     def __init__(
             self,
@@ -271,40 +283,52 @@ class STViTSwin(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
 
-        with torch.device(device) if device is not None else nullcontext():
-            if stem == "patch":
-                self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                              embed_dim=embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC")
+        # the input convolution timm's loader adapts to in_chans (the cfg names Swin's, the default stem)
+        self._traits = {"first_conv": "patch_embed.proj" if stem == "patch" else "patch_embed.proj.0.c"}
+
+        dd = dict(device=device, dtype=dtype)
+        if stem == "patch":
+            self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                          embed_dim=embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC", **dd)
+        else:
+            self.patch_embed = ConvStem(in_chans, embed_dim, pad=False, **dd)
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        res, reduction = resolutions[0], 4.0
+        for i in range(4):
+            dp = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            common = (dims[i], depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias, proj_drop_rate,
+                      attn_drop_rate, dp)
+            if i == stgm_stage:
+                stage = SemanticStage(
+                    *common, resolution=res, stgm_start=stgm_start, semantic_size=n,
+                    semantic_kernel=semantic_kernel, semantic_shortcut=semantic_shortcut,
+                    global_centers=use_global_centers, layer_scale_init=layer_scale_init, downsample=i < 3, **dd)
+                # nominal: one semantic token stands for window/n image tokens per side
+                reduction *= stage.window_size / n
+                res = stage.grid
             else:
-                self.patch_embed = ConvStem(in_chans, embed_dim, pad=False)
-            total = sum(depths)
-            dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-            self.layers = nn.ModuleList()
-            self.feature_info = []
-            res, reduction = resolutions[0], 4.0
-            for i in range(4):
-                dp = dpr[sum(depths[:i]):sum(depths[:i + 1])]
-                common = (dims[i], depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias, proj_drop_rate,
-                          attn_drop_rate, dp)
-                if i == stgm_stage:
-                    stage = SemanticStage(
-                        *common, resolution=res, stgm_start=stgm_start, semantic_size=n,
-                        semantic_kernel=semantic_kernel, semantic_shortcut=semantic_shortcut,
-                        global_centers=use_global_centers, layer_scale_init=layer_scale_init, downsample=i < 3)
-                    # nominal: one semantic token stands for window/n image tokens per side
-                    reduction *= stage.window_size / n
-                    res = stage.grid
-                else:
-                    stage = SwinStage(*common, downsample=i < 3, resolution=res)
-                self.layers.append(stage)
-                self.feature_info.append(dict(num_chs=dims[i], reduction=int(round(reduction)), module=f"layers.{i}"))
-                res, reduction = (-(-res[0] // 2), -(-res[1] // 2)), reduction * 2
-            self.norm = nn.LayerNorm(dims[-1])
-            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                       input_fmt="NHWC")
-            self.apply(self._init_weights)
-        if dtype is not None:
-            self.to(dtype=dtype)
+                stage = SwinStage(*common, downsample=i < 3, resolution=res, **dd)
+            self.layers.append(stage)
+            self.feature_info.append(dict(num_chs=dims[i], reduction=int(round(reduction)), module=f"layers.{i}"))
+            res, reduction = (-(-res[0] // 2), -(-res[1] // 2)), reduction * 2
+        self.norm = nn.LayerNorm(dims[-1], **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt="NHWC", **dd)
+        self.apply(self._init_weights)
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the computed buffers (also after ``to_empty`` from the
+        meta device)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+            elif m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
+        self.apply(self._init_weights)
+        reinit_non_persistent_buffers(self)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -350,7 +374,8 @@ class STViTSwin(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)   # timm's reset follows the model's device and dtype
+        # on the model's device and dtype (a head without parameters cannot tell the new one), in its mode
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: Tensor):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
@@ -662,7 +687,7 @@ def checkpoint_filter_fn(state_dict: dict, model: STViTSwin) -> dict[str, Tensor
 def _cfg(swin: str, **kwargs) -> dict:
     return {
         "url": "", "hf_hub_id": f"timm/{swin}.ms_in1k",
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (3, 3),
         "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head.fc", "license": "mit",
@@ -675,13 +700,17 @@ def _cfg(swin: str, **kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    f"stvit_swin_{s}_patch4_window7_224.ms_in1k_swin": _cfg(f"swin_{s}_patch4_window7_224")
-    for s in ("tiny", "small", "base")
+    **{f"stvit_swin_{s}_patch4_window7_224.ms_in1k_swin": _cfg(f"swin_{s}_patch4_window7_224")
+       for s in ("tiny", "small", "base")},
+    # 112x112: a 7x7 stage-3 map (one window, 3x3 semantic tokens), 2x2 after the last merging
+    "test_stvit_swin": _cfg("", url="", hf_hub_id=None, input_size=(3, 112, 112), pool_size=(2, 2), notes=(
+        "a small untrained variant for fast generic tests (timm's test_* convention); no weights",)),
 })
 
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_TEST = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8))
 
 
 def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> STViTSwin:
@@ -705,3 +734,9 @@ def stvit_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> S
 def stvit_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> STViTSwin:
     """STViT-Swin-B: 3x3 semantic tokens per window from stage-3 block 13 on (paper: -25% FLOPs)."""
     return _create("stvit_swin_base_patch4_window7_224", pretrained, _BASE, **kwargs)
+
+
+@register_model
+def test_stvit_swin(pretrained: bool = False, **kwargs) -> STViTSwin:
+    """A small STViT-Swin for fast tests (width 32, Swin-T's depths, 112x112)."""
+    return _create("test_stvit_swin", pretrained, _TEST, **kwargs)

@@ -57,7 +57,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, resample_patch_embed, trunc_normal_
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._input import update_model_args
 from timm.models._manipulate import checkpoint, named_apply, reinit_non_persistent_buffers
 from timm.models.vision_transformer import Block, init_weights_vit_timm
@@ -945,7 +945,7 @@ def _create(cls, variant: str, pretrained: bool, filter_fn, out_indices, **kwarg
         kwargs.setdefault("last_lookup_update", True)   # the last block's lookup map is a feature
     model = build(cls, variant, pretrained, filter_fn=filter_fn, feature_cfg=dict(out_indices=out_indices),
                   pretrained_cfg_overlay=overlay, **kwargs)
-    net = model if isinstance(model, _VideoModel) else model.model   # features_only: timm's wrapper
+    net = model.model if isinstance(model, FeatureGetterNet) else model   # features_only: timm's wrapper
     video_size = (cfg_size[0], cfg_size[1] if len(cfg_size) == 4 else net.num_frames, *cfg_size[-2:])
     for attr in ("pretrained_cfg", "default_cfg"):
         if isinstance(getattr(model, attr, None), dict):

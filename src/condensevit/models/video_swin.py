@@ -46,15 +46,16 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from torchvision.models.video.swin_transformer import PatchEmbed3d, SwinTransformer3d
+from torchvision.models.video.swin_transformer import PatchEmbed3d, ShiftedWindowAttention3d, SwinTransformer3d
 
 from ..layers.attention import split_qkv
 from ..layers.windows import window_neighbourhood_index
-from ._builder import CheckpointError, complete_state_dict, unwrap_state_dict
+from ._builder import CheckpointError, complete_state_dict, new_classifier, unwrap_state_dict
 from .stvit_r import SemanticBlock, SemanticTokenBlock
-from .video import _create
+from .video import _create, _patch_kernel
 
 __all__ = ["VideoSwin", "STViTVideoSwin", "SpaceTimeSemanticTokenBlock", "checkpoint_filter_fn",
            "stvit_checkpoint_filter_fn"]
@@ -98,15 +99,27 @@ class VideoSwin(SwinTransformer3d):
             torchvision's, it takes other lengths and frame sizes too.
         in_chans, num_classes (400: Kinetics-400), global_pool ('avg' or '').
         patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio: Video Swin's.
-        drop_rate, attn_drop_rate, drop_path_rate: torchvision's ``dropout``,
+        drop_rate: dropout before the classifier (timm's meaning; torchvision has none).
+        proj_drop_rate, attn_drop_rate, drop_path_rate: torchvision's ``dropout`` (one rate for the
+            embedding, the attention projections and the MLPs: torchvision ties them),
             ``attention_dropout``, ``stochastic_depth_prob`` (0.1 for T and S in torchvision).
-        device, dtype: where and in what type the parameters are made.
+        device, dtype: where and in what type the parameters and buffers are made (timm's factory
+            keywords). torchvision's constructor takes neither: it runs under ``torch.device(device)``
+            (so ``device='meta'`` allocates nothing; ``to_empty`` then ``init_weights()`` or a state
+            dict materialise it) and the model is cast to ``dtype`` once built.
+
+    ``forward_features`` gives the channels-last map (B, T', H', W', C) (``output_fmt = 'NTHWC'``,
+    ``feature_dim = -1``: the channel axis, as timm's generic tests read it); ``forward_head``
+    averages it over (T', H', W') (``global_pool='avg'``).
     """
+    output_fmt = "NTHWC"
+    feature_dim = -1
 
     def __init__(self, *, img_size=224, num_frames: int = 32, in_chans: int = 3, num_classes: int = 400,
                  global_pool: str = "avg", patch_size=(2, 4, 4), embed_dim: int = 96,
                  depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=(8, 7, 7), mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1,
                  device=None, dtype=None):
         img_size = _ints(img_size, "img_size", 2, "224 or (224, 224)")
         patch_size = _ints(patch_size, "patch_size", 3, "(2, 4, 4)")
@@ -122,11 +135,12 @@ class VideoSwin(SwinTransformer3d):
         with torch.device(device) if device is not None else nullcontext():
             super().__init__(
                 patch_size=list(patch_size), embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
-                window_size=list(window_size), mlp_ratio=mlp_ratio, dropout=drop_rate,
+                window_size=list(window_size), mlp_ratio=mlp_ratio, dropout=proj_drop_rate,
                 attention_dropout=attn_drop_rate, stochastic_depth_prob=drop_path_rate,
                 num_classes=max(num_classes, 1), patch_embed=partial(PatchEmbed3d, in_channels=in_chans))
             if num_classes <= 0:
                 self.head = nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -138,8 +152,38 @@ class VideoSwin(SwinTransformer3d):
         self.grad_checkpointing = False
         self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size[1] * 2 ** i,
                                   temporal_reduction=patch_size[0], module=f"features.{2 * i}") for i in range(4)]
+        # the checkpoint filters adapt the (5-D) patch kernel to in_chans themselves; timm's
+        # adapt_input_conv takes 2-D kernels only, so its loader leaves the stem alone
+        self._traits = {"first_conv": None}
         if dtype is not None:
             self.to(dtype=dtype)
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer as torchvision's constructor does (also after
+        ``to_empty`` from the meta device): linear layers truncated normal (std 0.02) with zero
+        bias, norms and the patch convolution PyTorch's defaults, relative position tables
+        truncated normal, their (persistent) index recomputed; our blocks' LayerScale and global
+        centres; computed buffers (``reinit_non_persistent_buffers``)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.Conv3d)):
+                m.reset_parameters()
+            elif isinstance(m, ShiftedWindowAttention3d):
+                trunc_normal_(m.relative_position_bias_table, std=0.02)
+                device = m.relative_position_index.device
+                with torch.device(device):
+                    m.define_relative_position_index()
+            elif m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
+        reinit_non_persistent_buffers(self)
+
+    @property
+    def num_stages(self) -> int:
+        """Stages left (4; fewer after ``prune_intermediate_layers``)."""
+        return (len(self.features) + 1) // 2
 
     @property
     def input_size(self) -> tuple[int, int, int, int]:
@@ -171,7 +215,7 @@ class VideoSwin(SwinTransformer3d):
         """Yield (stage index, stage output) for stages 0..stop; patch merging between them."""
         self._check_input(x)
         x = self.pos_drop(self.patch_embed(x))
-        last = 3 if stop is None else stop
+        last = self.num_stages - 1 if stop is None else stop
         for i in range(last + 1):
             if i:
                 x = self._merge(i - 1, x)
@@ -189,6 +233,7 @@ class VideoSwin(SwinTransformer3d):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
             x = x.mean(dim=tuple(range(1, x.dim() - 1)))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -201,13 +246,13 @@ class VideoSwin(SwinTransformer3d):
         ``(forward_features output, list)``."""
         if output_fmt not in _OUTPUT_FMTS:
             raise ValueError(f"output_fmt must be one of {_OUTPUT_FMTS}, got {output_fmt!r}")
-        take, max_index = feature_take_indices(4, indices)
+        take, max_index = feature_take_indices(self.num_stages, indices)
         out = []
         last = None
         for i, y in self._stages(x, stop=max_index if (stop_early or intermediates_only) else None):
             last = y
             if i in take:
-                y = self.norm(y) if (norm and i == 3) else y
+                y = self.norm(y) if (norm and i == self.num_stages - 1) else y
                 out.append(y if output_fmt == "NTHWC" else y.permute(0, 4, 1, 2, 3).contiguous())
         if intermediates_only:
             return out
@@ -215,7 +260,7 @@ class VideoSwin(SwinTransformer3d):
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        take, max_index = feature_take_indices(4, indices)
+        take, max_index = feature_take_indices(self.num_stages, indices)
         self.features = self.features[:2 * max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
@@ -252,10 +297,7 @@ class VideoSwin(SwinTransformer3d):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        ref = self.patch_embed.proj.weight   # the new head follows the model's device and dtype
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
-            if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
+        self.head = new_classifier(self, self.num_features, num_classes)
 
 
 # ================================================================================ STViT parts
@@ -329,30 +371,35 @@ class SpaceTimeSemanticStage(nn.Sequential):
     def __init__(self, swin_blocks: list[nn.Module], dim: int, num_heads: int, mlp_ratio: float, drop_path: list[float],
                  *, size: tuple[int, int, int], window: tuple[int, int, int], semantic_shape: tuple[int, int, int],
                  semantic_kernel: tuple[int, int, int], semantic_shortcut: bool, global_centers: bool,
-                 layer_scale_init: float, proj_drop: float, attn_drop: float):
+                 layer_scale_init: float, proj_drop: float, attn_drop: float, device=None, dtype=None):
+        dd = dict(device=device, dtype=dtype)
         depth = len(drop_path)
         start = len(swin_blocks)
         common = (dim, num_heads, mlp_ratio, True, proj_drop, attn_drop)
         blocks = list(swin_blocks)
         blocks.append(SpaceTimeSemanticTokenBlock(
             *common, drop_path[start], window=window, semantic_shape=semantic_shape, shortcut=semantic_shortcut,
-            layer_scale_init=layer_scale_init))
-        blocks.append(SemanticBlock(*common, drop_path[start + 1], layer_scale_init=layer_scale_init))
+            layer_scale_init=layer_scale_init, **dd))
+        blocks.append(SemanticBlock(*common, drop_path[start + 1], layer_scale_init=layer_scale_init, **dd))
         for j, i in enumerate(range(start + 2, depth)):
             # alternately inside each window's tokens (a Sequential of windows) and over all tokens
-            blocks.append(SemanticBlock(*common, drop_path[i], layer_scale_init=layer_scale_init))
+            blocks.append(SemanticBlock(*common, drop_path[i], layer_scale_init=layer_scale_init, **dd))
         super().__init__(*blocks)
         self.stgm_start = start
         self.size, self.window, self.semantic_shape = tuple(size), tuple(window), tuple(semantic_shape)
         self.semantic_kernel = tuple(semantic_kernel)
         self.grid = tuple(-(-s // w) * n for s, w, n in zip(size, window, semantic_shape))
         if global_centers:
-            self.global_centers = nn.Parameter(torch.zeros(1, math.prod(self.grid), dim))
-            trunc_normal_(self.global_centers, std=0.02)
+            self.global_centers = nn.Parameter(torch.zeros(1, math.prod(self.grid), dim, **dd))
         else:
             self.global_centers = None
+        self.init_weights()
         self.grad_checkpointing = False
         self.init_non_persistent_buffers()
+
+    def init_weights(self) -> None:
+        if self.global_centers is not None:
+            trunc_normal_(self.global_centers, std=0.02)
 
     def init_non_persistent_buffers(self) -> None:
         """Build the geometry (again, e.g. after ``to_empty`` from the meta device)."""
@@ -397,7 +444,7 @@ class STViTVideoSwin(VideoSwin):
     def __init__(self, *, semantic_tokens_per_window=(2, 3, 3), stgm_stage: int = 2, stgm_start: int | None = None,
                  semantic_kernel=(8, 10, 10), semantic_shortcut: bool = True, use_global_centers: bool = True,
                  layer_scale_init: float = 1e-5, device=None, dtype=None, **kwargs):
-        super().__init__(device=device, **kwargs)
+        super().__init__(device=device, dtype=dtype, **kwargs)
         semantic_shape = _ints(semantic_tokens_per_window, "semantic_tokens_per_window", 3, "(2, 3, 3)")
         kernel = _ints(semantic_kernel, "semantic_kernel", 3, "(8, 10, 10)")
         if stgm_stage not in (0, 1, 2, 3):
@@ -427,12 +474,12 @@ class STViTVideoSwin(VideoSwin):
         width = self.embed_dim * 2 ** stgm_stage
         dpr = [self.features[2 * stgm_stage][j].stochastic_depth.p for j in range(depth)]
         attn0 = self.features[2 * stgm_stage][0].attn
-        with torch.device(device) if device is not None else nullcontext():
-            stage = SpaceTimeSemanticStage(
-                list(self.features[2 * stgm_stage][:stgm_start]), width, self.num_heads_per_stage[stgm_stage],
-                kwargs.get("mlp_ratio", 4.0), dpr, size=size, window=window, semantic_shape=semantic_shape,
-                semantic_kernel=kernel, semantic_shortcut=semantic_shortcut, global_centers=use_global_centers,
-                layer_scale_init=layer_scale_init, proj_drop=attn0.dropout, attn_drop=attn0.attention_dropout)
+        stage = SpaceTimeSemanticStage(
+            list(self.features[2 * stgm_stage][:stgm_start]), width, self.num_heads_per_stage[stgm_stage],
+            kwargs.get("mlp_ratio", 4.0), dpr, size=size, window=window, semantic_shape=semantic_shape,
+            semantic_kernel=kernel, semantic_shortcut=semantic_shortcut, global_centers=use_global_centers,
+            layer_scale_init=layer_scale_init, proj_drop=attn0.dropout, attn_drop=attn0.attention_dropout,
+            device=device, dtype=dtype)
         for j in range(stgm_start, len(stage)):
             for m in stage[j].modules():
                 if isinstance(m, nn.Linear):   # torchvision's init of linear layers, for the new blocks
@@ -444,8 +491,6 @@ class STViTVideoSwin(VideoSwin):
         for i in range(stgm_stage, 4):
             self.feature_info[i]["reduction"] = int(round(self.feature_info[i]["reduction"] * window[1] / semantic_shape[1]))
             self.feature_info[i]["temporal_reduction"] = int(round(self.patch_size[0] * window[0] / semantic_shape[0]))
-        if dtype is not None:
-            self.to(dtype=dtype)
 
     def _check_input(self, x: Tensor) -> None:
         super()._check_input(x)
@@ -539,6 +584,9 @@ def _check_size(sd: dict, model: VideoSwin) -> None:
 def _finish(out: dict, model: VideoSwin, new_keys=(), source="the Video Swin checkpoint") -> dict:
     if isinstance(model.head, nn.Identity):   # a model without classifier takes the trunk only
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    w = out.get("patch_embed.proj.weight")
+    if w is not None and w.dim() == 5 and w.shape[1] != model.in_chans:   # timm's channel adaptation, per frame
+        out["patch_embed.proj.weight"] = _patch_kernel(w, model, None)
     return complete_state_dict(out, model, new_keys=new_keys, source=source)
 
 
@@ -605,10 +653,15 @@ default_cfgs = generate_default_cfgs({
         _TV + "swin3d_t-7615ae03.pth", paper_ids="arXiv:2303.08685", notes=_STVIT_NOTE),
     "stvit_video_swin_small_patch2x4x4_window8x7x7.tv_k400_video_swin": _cfg(
         _TV + "swin3d_s-da41c237.pth", paper_ids="arXiv:2303.08685", notes=_STVIT_NOTE),
+    # 4 frames of 64x64: a 2x4x4 stage-3 map (one window, shrunk from 8x7x7 as Video Swin does)
+    **{f"test_{family}": _cfg("", input_size=(3, 4, 64, 64), notes=(
+        "a small untrained variant for fast generic tests (timm's test_* convention); no weights",))
+       for family in ("video_swin", "stvit_video_swin")},
 })
 
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_TEST = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8))
 
 
 def _video_swin(cls, variant: str, filter_fn, pretrained: bool, arch: dict, kwargs: dict):
@@ -641,3 +694,16 @@ def stvit_video_swin_small_patch2x4x4_window8x7x7(pretrained: bool = False, **kw
     """STViT on Video Swin-S: 2x3x3 semantic tokens per 8x7x7 window from stage-3 block 13 on."""
     return _video_swin(STViTVideoSwin, "stvit_video_swin_small_patch2x4x4_window8x7x7", stvit_checkpoint_filter_fn,
                        pretrained, _SMALL, kwargs)
+
+
+@register_model
+def test_video_swin(pretrained: bool = False, **kwargs) -> VideoSwin:
+    """A small Video Swin for fast tests (width 32, Swin-T's depths, 4 frames of 64x64)."""
+    return _video_swin(VideoSwin, "test_video_swin", checkpoint_filter_fn, pretrained, _TEST, kwargs)
+
+
+@register_model
+def test_stvit_video_swin(pretrained: bool = False, **kwargs) -> STViTVideoSwin:
+    """A small STViT-Video-Swin for fast tests (width 32, Swin-T's depths, 4 frames of 64x64)."""
+    return _video_swin(STViTVideoSwin, "test_stvit_video_swin", stvit_checkpoint_filter_fn, pretrained, _TEST,
+                       kwargs)

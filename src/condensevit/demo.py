@@ -286,6 +286,8 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
 
 
 def _cmd_demo(args) -> int:
+    from .outputs import check_output_dir
+    check_output_dir(args.out, "--out")  # before any training
     run_demo(args.out, quick=args.quick, fresh=args.fresh, epochs=args.epochs, threads=args.threads,
              progress=False if args.no_progress else None)
     return 0

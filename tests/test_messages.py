@@ -54,7 +54,7 @@ def test_a_checkpoint_of_another_family_is_named_from_its_metadata(tmp_path, cap
 
 
 def test_bench_names_the_grid_not_the_channels_when_the_input_is_too_small(capsys):
-    assert main(["bench", "--models", "lookupvit_base_patch16_224", "--input-size", "1,64,64", "--quiet"]) == 2
+    assert main(["bench", "--models", "lookupvit_tiny_patch16_224", "--input-size", "1,64,64", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "compressed_grid=(5, 5) is larger than the lookup-token grid (4, 4)" in err
     assert "expected images" not in err

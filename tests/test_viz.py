@@ -192,7 +192,7 @@ def test_figures_have_colour_scales_and_titles_in_the_papers_terms(tmp_path, mon
     real = matplotlib.figure.Figure.colorbar
     monkeypatch.setattr(matplotlib.figure.Figure, "colorbar",
                         lambda self, *a, **k: bars.append(k.get("orientation")) or real(self, *a, **k))
-    for name in ("stvit_deit_tiny_patch16_224", "lookupvit_tiny_patch16_224", "stvit_r_swin_tiny_patch4_window7_224"):
+    for name in ("stvit_deit_tiny_patch16_224", "lookupvit_tiny_patch16_224"):
         model = timm.create_model(name, **SMALL[name])
         tm = token_maps(model, _input(name, model)[:1])
         titles = [panel_title(k, list(tm.maps)) for k in tm.maps]
@@ -203,6 +203,7 @@ def test_figures_have_colour_scales_and_titles_in_the_papers_terms(tmp_path, mon
     assert panel_title("blocks.4", ["center_pool", "blocks.4", "blocks.5"]).startswith("STGM layer 1 (layer 5)")
     assert "global centres" in panel_title("blocks.5", ["center_pool", "blocks.4", "blocks.5"])
     assert panel_title("gather").startswith("MHBC gather")
+    assert panel_title("recovery").startswith("recovery") and panel_title("semantic").startswith("semantic tokens")
 
 
 def test_viz_grid_errors_name_the_grid(tmp_path, capsys):

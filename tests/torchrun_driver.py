@@ -20,7 +20,7 @@ import torch.distributed as dist
 def main():
     jobs_file, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=180))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     rank = dist.get_rank()
     from condensevit.cli import main as cli_main
     from condensevit.train.run_lock import RunLock

@@ -6,9 +6,8 @@ import torch
 # two pytest-xdist workers on two cores: one thread each keeps them from fighting
 torch.set_num_threads(int(os.environ.get("CONDENSEVIT_TEST_THREADS", "1")))
 
-FIXTURES = os.path.abspath(os.environ.get(
-    "CONDENSEVIT_FIXTURES",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")))
+FIXTURES = os.path.abspath(os.environ.get("CONDENSEVIT_FIXTURES") or
+                           os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -299,7 +300,9 @@ def render(rgb: np.ndarray, tm: TokenMaps, path: str, index: int = 0, max_tokens
                                                  wspace=0.05)
         head = fig.add_subplot(inner[0, :])
         more = f" (first {n} of {maps.shape[1]})" if maps.shape[1] > n else ""
-        head.text(0.5, 0.0, f"{panel_title(name, names)}{more}", ha="center", va="bottom", fontsize=7)
+        width_chars = max(16, int((1.1 * cols + 0.3) * 13))  # ~13 characters per inch at 7 pt
+        text = "\n".join(textwrap.fill(line, width_chars) for line in f"{panel_title(name, names)}{more}".split("\n"))
+        head.text(0.5, 0.0, text, ha="center", va="bottom", fontsize=7)
         head.axis("off")
         up = _upsample(maps[index, :n], (H, W))
         # one scale per kind: the maps are shares of each token's attention (they sum to 1 over the

@@ -98,14 +98,15 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
         size_kw["num_frames"] = input_shape[1]
     if input_shape[0] != default_shape[0]:
         size_kw["in_chans"] = input_shape[0]
+    errors = []  # why the fuller attempts failed: a size the model refuses beats a later symptom
     for kw in (size_kw, {k: v for k, v in size_kw.items() if k != "num_frames"}, {}):
         try:
             model = timm.create_model(name, pretrained=False, **{**kwargs, **kw})
             break
         except (TypeError, ValueError, AssertionError) as e:
-            err = e
+            errors.append(e)
     else:
-        raise _usage_error(f"{name} cannot take input size {input_shape}: {err}")
+        raise _usage_error(f"{name} cannot take input size {input_shape}: {_first_line(_cause(errors))}")
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None:
         patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
@@ -116,9 +117,21 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001  (any failure means the size does not fit)
+        # built without the size (a fallback): the reason the model refused the size is the real one
         raise _usage_error(f"{name} cannot take input size {tuple(input_shape)}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+                           f"{_first_line(_cause(errors) if errors else e)}") from e
     return model, tuple(input_shape)
+
+
+def _cause(errors: list) -> BaseException:
+    """The first error that is about the values (not an unknown keyword, which only says the model
+    takes no such argument)."""
+    return next((e for e in errors if not isinstance(e, TypeError)), errors[0])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, compile=False,
@@ -212,6 +225,10 @@ def plot_bench(result: dict, path: str):
 
 
 def _cmd_bench(args) -> int:
+    from .outputs import check_output_file
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)  # before any model is built
     specs = _split_top_level(args.models)
     if not specs:
         raise _usage_error("--models is empty; give a comma-separated list, the baseline first")
@@ -261,29 +278,33 @@ def _cmd_models(args) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction):
+    from .cli import HelpFormatter
     p = sub.add_parser(
-        "bench", help="throughput, latency, memory and GMACs of models against a baseline",
+        "bench", help="throughput, latency, memory and GMACs of models against a baseline", formatter_class=HelpFormatter,
         description="Measure models alternately in one process. The first model is the baseline. "
                     "A model may carry arguments: NAME[key=value,...], e.g. lookupvit_base_patch16_224[compressed_grid=3x3].")
     p.add_argument("--models", required=True, help="comma-separated model names, the baseline first")
     p.add_argument("--input-size", default=None,
                    help="C,H,W (or C,T,H,W for video, or a single size); default: each model's own")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=32, help="images per timed batch")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches before each timed run")
     p.add_argument("--iters", type=int, default=5, help="timed batches per run")
-    p.add_argument("--rounds", type=int, default=2, help="alternating runs per model (median taken)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timed runs per model, the models taking turns; images/s is the median of the rounds (with "
+                        "an even number, their mean)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
     p.add_argument("--plot", default=None, help="write a throughput-vs-GMACs PNG here")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
 
-    q = sub.add_parser("models", help="the models of this library, with parameters and GMACs")
+    q = sub.add_parser("models", help="the models of this library, with parameters and GMACs",
+                       formatter_class=HelpFormatter)
     q.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'stvit*'")
     q.add_argument("--no-gmacs", action="store_true", help="skip counting GMACs (faster)")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress display")
     q.set_defaults(func=_cmd_models)

@@ -286,14 +286,17 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
 
 
 def _cmd_demo(args) -> int:
+    from .outputs import check_output_dir
+    check_output_dir(args.out, "--out")  # before any training
     run_demo(args.out, quick=args.quick, fresh=args.fresh, epochs=args.epochs, threads=args.threads,
              progress=False if args.no_progress else None)
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction):
+    from .cli import HelpFormatter
     p = sub.add_parser(
-        "demo", help="train a baseline, an STViT and a LookupViT on the embedded digits and report",
+        "demo", formatter_class=HelpFormatter, help="train a baseline, an STViT and a LookupViT on the embedded digits and report",
         description="Train a DeiT-style baseline, an STViT and a LookupViT with one recipe on the embedded "
                     "digits, measure their GMACs and speed, draw their token maps, and write OUT/report.md. "
                     "About ten minutes on a 2-core CPU.")

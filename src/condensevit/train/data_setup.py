@@ -19,6 +19,7 @@ image's augmentation of (seed, epoch, index) (:class:`~condensevit.data.SeededAu
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import torch
@@ -101,10 +102,17 @@ def default_workers(workers: int | None, device: torch.device, world: int) -> in
     return max(0, min(8, (os.cpu_count() or 1) // max(world, 1) - 1))
 
 
+def _ignore_sigint(worker_id: int):  # noqa: ARG001
+    # Ctrl-C reaches the whole process group: the main process stops at a step boundary and saves,
+    # so the workers must not die under it first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader_kwargs(workers: int, device: torch.device) -> dict:
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
     if workers > 0:
         kw["persistent_workers"] = False  # workers must see each epoch's set_epoch
+        kw["worker_init_fn"] = _ignore_sigint
     return kw
 
 
@@ -222,6 +230,9 @@ class EvalData:
             self._size, data_config = probe_video_input(name, kwargs, data)
             data_kwargs = dict(input_size=self._size, data_config=data_config)
         self.val_set = build_dataset(data, "val", strict=strict, **data_kwargs)
+        warning = skipped_warning("eval", (self.val_set,), self.video)  # as train says it
+        if warning and dist.is_main:
+            print(warning, file=sys.stderr, flush=True)
         return self
 
     def fit_to(self, net: nn.Module, *, batch_size: int, workers: int | None):
@@ -234,9 +245,6 @@ class EvalData:
             if tuple(self.input_size) != tuple(self._size):  # not expected: the probe is the model
                 self.val_set = build_dataset(data, "val", strict=self.strict, input_size=self.input_size,
                                              data_config=resolve_data_config({}, model=net))
-            warning = skipped_warning("eval", (self.val_set,), True)
-            if warning and dist.is_main:
-                print(warning, file=sys.stderr)
         else:
             self.val_set.transform = build_transform(data, False, self.input_size,
                                                      data_config=resolve_data_config({}, model=net))

@@ -67,3 +67,12 @@ def test_bad_mode_is_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--mode", "fly", "--models", "deit_tiny_patch16_224"])
     assert e.value.code == 2
+
+
+def test_in_process_mode_measures_speed_but_not_memory(capsys):
+    assert main(["bench", "--models", f"{SMALL},{SMALL}", "--input-size", "3,32,32", "--batch-size", "2",
+                 "--iters", "1", "--warmup", "0", "--rounds", "1", "--quiet", "--in-process"]) == 0
+    out = capsys.readouterr().out
+    assert "peak mem: not measured" in out
+    row = out.splitlines()[3].split()
+    assert row[-2:] == ["-", "-"] and float(row[3]) > 0

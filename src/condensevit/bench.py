@@ -139,56 +139,102 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
 _WORKER_CODE = "from condensevit.bench import _worker_main; _worker_main()"
 
 
-def _worker_main():
-    import traceback
+class _ModelRunner:
+    """Builds one model and runs its measuring rounds; the same code in a worker process or inline."""
 
-    from .measure import (OwnPeakMemory, make_inference_step, make_train_step, median_latency_ms,
-                          time_steps)
+    def __init__(self, own_process: bool = True):
+        self.own_process = own_process
+
+    def handle(self, msg: dict) -> dict:
+        import traceback
+        try:
+            return getattr(self, msg["cmd"])(msg)
+        except Exception as e:  # noqa: BLE001  (every failure goes back to the caller, which decides)
+            from .cli import UsageError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return dict(error=first, usage=isinstance(e, UsageError), traceback=traceback.format_exc())
+
+    def build(self, msg: dict) -> dict:
+        from .measure import OwnPeakMemory, make_inference_step, make_train_step
+        if self.own_process:
+            torch.set_num_threads(msg["threads"])
+        self.dev = torch.device(msg["device"])
+        self.memory = OwnPeakMemory(self.dev) if self.own_process else None  # baseline: before the model
+        name, kwargs, _ = parse_model_spec(msg["spec"])
+        shape = tuple(msg["shape"]) if msg["shape"] else None
+        model, shape = create_for_input(name, shape, **kwargs)
+        reply = dict(gmacs=gmacs(model, shape), params=count_params(model), shape=list(shape))
+        opts = dict(device=self.dev, amp=msg["amp"], amp_dtype=msg["amp_dtype"], channels_last=msg["channels_last"],
+                    compile=msg["compile"])
+        self.batch_size = msg["batch_size"]
+        if msg["mode"] == "train":
+            self.step, self.step1 = make_train_step(model, shape, self.batch_size, **opts), None
+        else:
+            self.step = make_inference_step(model, shape, self.batch_size, **opts)
+            self.step1 = make_inference_step(model, shape, 1, **opts)
+        if msg["compile"]:  # compile now: the processes build in parallel, the rounds stay short
+            for step in (self.step, self.step1):
+                if step is not None:
+                    step()
+        if self.memory is not None:
+            self.memory.start()
+        return reply
+
+    def run(self, msg: dict) -> dict:
+        from contextlib import nullcontext
+
+        from .measure import median_latency_ms, time_steps
+        with self.memory.track() if self.memory is not None else nullcontext():
+            ips = time_steps(self.step, self.batch_size, self.dev, warmup=msg["warmup"], iters=msg["iters"],
+                             min_time=msg["min_time"])
+            latency = float("nan")
+            if msg["latency"] and self.step1 is not None:
+                latency = median_latency_ms(self.step1, self.dev, warmup=max(msg["warmup"], 1),
+                                            iters=max(msg["iters"], 10))
+        if self.memory is None:
+            return dict(images_per_s=ips, latency_ms=latency, peak_memory_mb=float("nan"),
+                        memory_method="not measured (all models in one process: --in-process)")
+        return dict(images_per_s=ips, latency_ms=latency, peak_memory_mb=self.memory.peak_bytes() / 2**20,
+                    memory_method=self.memory.method)
+
+
+def _worker_main():
+    """A model's measuring process: JSON commands on stdin, one JSON reply per command."""
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    state: dict = {}
+    runner = _ModelRunner(own_process=True)
     for line in sys.stdin:
         msg = json.loads(line)
-        try:
-            if msg["cmd"] == "quit":
-                break
-            if msg["cmd"] == "build":
-                torch.set_num_threads(msg["threads"])
-                dev = torch.device(msg["device"])
-                memory = OwnPeakMemory(dev)  # before the model exists: its baseline
-                name, kwargs, _ = parse_model_spec(msg["spec"])
-                shape = tuple(msg["shape"]) if msg["shape"] else None
-                model, shape = create_for_input(name, shape, **kwargs)
-                reply = dict(gmacs=gmacs(model, shape), params=count_params(model), shape=list(shape))
-                opts = dict(device=dev, amp=msg["amp"], amp_dtype=msg["amp_dtype"],
-                            channels_last=msg["channels_last"], compile=msg["compile"])
-                if msg["mode"] == "train":
-                    step = make_train_step(model, shape, msg["batch_size"], **opts)
-                    step1 = None
-                else:
-                    step = make_inference_step(model, shape, msg["batch_size"], **opts)
-                    step1 = make_inference_step(model, shape, 1, **opts)
-                memory.start()
-                state = dict(step=step, step1=step1, dev=dev, memory=memory, batch_size=msg["batch_size"])
-            elif msg["cmd"] == "run":
-                with state["memory"].track():
-                    ips = time_steps(state["step"], state["batch_size"], state["dev"], warmup=msg["warmup"],
-                                     iters=msg["iters"], min_time=msg["min_time"])
-                    latency = float("nan")
-                    if msg["latency"] and state["step1"] is not None:
-                        latency = median_latency_ms(state["step1"], state["dev"], warmup=max(msg["warmup"], 1),
-                                                    iters=max(msg["iters"], 10))
-                reply = dict(images_per_s=ips, latency_ms=latency,
-                             peak_memory_mb=state["memory"].peak_bytes() / 2**20,
-                             memory_method=state["memory"].method)
-            else:
-                raise ValueError(f"unknown command {msg['cmd']!r}")
-        except Exception as e:  # noqa: BLE001  (every failure goes back to the parent, which decides)
-            from .cli import UsageError
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            reply = dict(error=first, usage=isinstance(e, UsageError), traceback=traceback.format_exc())
-        replies.write(json.dumps(reply) + "\n")
+        if msg["cmd"] == "quit":
+            break
+        replies.write(json.dumps(runner.handle(msg)) + "\n")
+
+
+def _raise_for(label: str, reply: dict, where: str) -> dict:
+    if "error" in reply:
+        if reply["usage"]:
+            raise _usage_error(reply["error"])
+        raise RuntimeError(f"measuring {label} failed{where}:\n{reply['traceback']}")
+    return reply
+
+
+class _InlineModel:
+    """``_ModelProcess``'s interface, measuring in this process (``isolate=False``)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.runner = _ModelRunner(own_process=False)
+        self.reply = None
+
+    def send(self, **msg):
+        self.reply = self.runner.handle(msg)
+
+    def recv(self) -> dict:
+        return _raise_for(self.label, self.reply, "")
+
+    def close(self):
+        self.runner = None
 
 
 class _ModelProcess:
@@ -223,12 +269,7 @@ class _ModelProcess:
                                    "try a smaller --batch-size")
             raise RuntimeError(f"measuring {self.label}: its process exited with code {code}"
                                + (f": {tail[-1]}" if tail else ""))
-        reply = json.loads(line)
-        if "error" in reply:
-            if reply["usage"]:
-                raise _usage_error(reply["error"])
-            raise RuntimeError(f"measuring {self.label} failed in its own process:\n{reply['traceback']}")
-        return reply
+        return _raise_for(self.label, json.loads(line), " in its own process")
 
     def close(self):
         if self.proc.poll() is None:
@@ -251,12 +292,13 @@ def _middle(values: list[float]) -> float:
 
 def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, compile=False,
               channels_last=False, warmup=2, iters=5, rounds=2, progress=True, mode="inference",
-              amp_dtype=None, min_time=0.0) -> dict:
+              amp_dtype=None, min_time=0.0, isolate=True) -> dict:
     """Measure each model alternately ``rounds`` times; the first model is the baseline.
 
     ``mode``: ``'inference'`` (eval, no grad; images/s at ``batch_size`` and batch-1 latency) or
     ``'train'`` (forward + loss + backward + AdamW step; images/s). Each model runs in its own
-    process (see :class:`condensevit.measure.OwnPeakMemory` for what its peak memory counts); its
+    process (see :class:`condensevit.measure.OwnPeakMemory` for what its peak memory counts; with
+    ``isolate=False`` all run in this process, which starts quicker, and peak memory is NaN); its
     images/s is the median over rounds (the mean of the middle two for an even count), GMACs are
     its forward multiply-accumulates per image at batch 1. Returns ``dict(environment, rows)``.
     """
@@ -278,7 +320,7 @@ def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, co
     procs = []
     try:
         for _, _, label in parsed:
-            procs.append(_ModelProcess(label))
+            procs.append(_ModelProcess(label) if isolate else _InlineModel(label))
         bar.set_postfix_str("building the models (one process each)")
         for p in procs:  # they build in parallel; nothing is timed yet
             p.send(cmd="build", spec=p.label, shape=list(shape) if shape else None, device=str(dev), threads=threads,
@@ -314,12 +356,13 @@ def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, co
         base = base or row
         row["speedup"] = row["images_per_s"] / base["images_per_s"]
         row["gmacs_ratio"] = row["gmacs"] / base["gmacs"] if base["gmacs"] else float("nan")
-        row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else float("nan")
+        row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"] \
+            if base["peak_memory_mb"] and base["peak_memory_mb"] == base["peak_memory_mb"] else float("nan")
         rows.append(row)
     env = environment(dev)
     env.update(mode=mode, batch_size=batch_size, amp=amp, amp_dtype=str(_amp_dtype(dev, amp_dtype)).replace("torch.", "")
                if amp else None, compile=compile, channels_last=channels_last, warmup=warmup, iters=iters,
-               rounds=rounds, peak_memory=entries[0]["runs"][-1]["memory_method"] + " (MiB)",
+               rounds=rounds, peak_memory=entries[0]["runs"][-1]["memory_method"] + (" (MiB)" if isolate else ""),
                images_per_s="median over rounds (mean of the middle two for an even count)")
     return dict(environment=env, rows=rows)
 
@@ -340,9 +383,10 @@ def format_table(result: dict) -> str:
             "mem ratio"]
     lines = []
     for r in result["rows"]:
+        mem, ratio = r["peak_memory_mb"], r.get("memory_ratio", float("nan"))
         lines.append([r["model"], f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}", f"{r['images_per_s']:.1f}",
                       f"{r['speedup']:.2f}x", f"{r['gmacs_ratio']:.3f}", _fmt_latency(r["latency_ms"]),
-                      f"{r['peak_memory_mb']:.0f}", f"{r.get('memory_ratio', float('nan')):.2f}x"])
+                      "-" if mem != mem else f"{mem:.0f}", "-" if ratio != ratio else f"{ratio:.2f}x"])
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
     out = [head, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
@@ -412,7 +456,8 @@ def _cmd_bench(args) -> int:
     result = run_bench(specs, input_size=input_size, batch_size=args.batch_size, device=args.device,
                        amp=args.amp, amp_dtype=args.amp_dtype, compile=args.compile,
                        channels_last=args.channels_last, warmup=args.warmup, iters=args.iters,
-                       rounds=args.rounds, progress=not args.quiet, mode=args.mode, min_time=args.min_time)
+                       rounds=args.rounds, progress=not args.quiet, mode=args.mode, min_time=args.min_time,
+                       isolate=not args.in_process)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -471,6 +516,8 @@ def add_parser(sub: argparse._SubParsersAction):
                         "even count)")
     p.add_argument("--min-time", type=float, default=0.0,
                    help="seconds: repeat the timed batches of a run until at least this long (fast GPUs)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every model in this process (starts quicker; peak memory is then not measured)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
     p.add_argument("--plot", default=None, help="write a throughput-vs-GMACs PNG here")

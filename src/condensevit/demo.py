@@ -260,7 +260,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
     bench = run_bench([_spec(name, dict(kwargs, num_classes=10)) for _, _, name, kwargs in DEMO_MODELS],
                       input_size=(3, 64, 64), batch_size=8 if quick else bench_batch_size, device="cpu",
                       iters=2 if quick else 10, rounds=1 if quick else 3, warmup=1 if quick else 3,
-                      progress=progress is not False and not quick)
+                      progress=progress is not False and not quick, isolate=not quick)
     rows = []
     for (short, title, name, kwargs), b in zip(DEMO_MODELS, bench["rows"]):
         s = runs[short]

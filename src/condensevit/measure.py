@@ -266,10 +266,14 @@ def _memory_format(shape) -> torch.memory_format:
 
 
 def _prepare(model, shape, device, channels_last, compile):
+    """The model on ``device``, and the callable to time: itself, or ``torch.compile`` of it (``compile``
+    True: the default backend, inductor; a string: that backend, e.g. 'eager' to check tracing only)."""
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=_memory_format(shape))
-    return model, (torch.compile(model) if compile else model)
+    if not compile:
+        return model, model
+    return model, (torch.compile(model, backend=compile) if isinstance(compile, str) else torch.compile(model))
 
 
 def _input(shape, batch_size, device, channels_last) -> torch.Tensor:
@@ -389,7 +393,7 @@ def throughput(
         step1 = make_inference_step(model, input_size, 1, device, amp, amp_dtype, channels_last, compile)
         latency = median_latency_ms(step1, device, warmup=max(warmup, 1), iters=latency_iters or max(iters, 10))
     return Throughput(images_per_s=ips, latency_ms=latency, peak_memory_mb=peak / 2**20, batch_size=batch_size,
-                      device=str(device), amp=amp, channels_last=channels_last, compiled=compile)
+                      device=str(device), amp=amp, channels_last=channels_last, compiled=bool(compile))
 
 
 def train_throughput(
@@ -419,7 +423,7 @@ def train_throughput(
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     return Throughput(images_per_s=ips, latency_ms=float("nan"), peak_memory_mb=peak / 2**20,
                       batch_size=batch_size, device=str(device), amp=amp, channels_last=channels_last,
-                      compiled=compile, mode="train")
+                      compiled=bool(compile), mode="train")
 
 
 def environment(device: str | torch.device = "cpu") -> dict:

@@ -23,9 +23,9 @@ def _usage_error(msg: str):
 
 
 def parse_value(text: str):
-    """'3x3' -> (3, 3); Python literals as themselves; anything else as a string."""
+    """'3x3' -> (3, 3), '1x2x4x8' -> (1, 2, 4, 8); Python literals as themselves; anything else as a string."""
     text = text.strip()
-    if re.fullmatch(r"\d+x\d+(x\d+)?", text):
+    if re.fullmatch(r"\d+(x\d+)+", text):
         return tuple(int(t) for t in text.split("x"))
     try:
         return ast.literal_eval(text)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import json
 import os
 import re
@@ -76,13 +75,8 @@ def parse_model_spec(spec: str) -> tuple[str, dict, str]:
 
 
 def _check_model_name(name: str):
-    import timm
-    import condensevit  # noqa: F401  (registers our models)
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `condensevit models` lists ours, timm.list_models() all"
-    raise _usage_error(f"unknown model {name!r}{hint}")
+    from .models.factory import check_model_name  # the one check, shared with train / eval / viz
+    check_model_name(name)
 
 
 def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):

@@ -18,6 +18,8 @@ import threading
 import numpy as np
 import torch
 
+from ..models.factory import create_model, normalize_kwargs
+
 __all__ = [
     "atomic_write", "save_weights", "load_weights_file", "save_checkpoint", "load_checkpoint",
     "find_resume", "capture_rng", "restore_rng", "GracefulStop", "weights_hash",
@@ -294,8 +296,6 @@ def load_model_for_inference(name: str | None, path: str, **model_kwargs) -> tor
     filter). Any other file (a pretrained checkpoint) is loaded through the model's checkpoint
     filter, as ``--pretrained-file`` does, keeping its classifier when it has one.
     """
-    from .engine import create_model, normalize_kwargs
-
     state_dict, meta = load_weights_file(path)
     recorded = meta.get("model") if meta.get("format") == "condensevit" else None
     name = name or recorded

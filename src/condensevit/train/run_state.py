@@ -1,0 +1,251 @@
+"""The state of a training run that outlives a process: its output folder, checkpoints, resumption,
+the log and the summary.
+
+A run folder holds ``last.safetensors`` + ``last.state.pth`` (the checkpoint pair, see
+:mod:`.checkpoint`), ``best.safetensors``, ``ema.safetensors`` (with ``--model-ema``),
+``config.json``, ``log.jsonl`` (one row per finished epoch), ``summary.json`` (at the end) and
+``tensorboard/`` (when tensorboard is installed). Only rank 0 writes; saving is collective (every
+rank's random-number states go into the checkpoint).
+
+Resumption restores the weights, optimizer, scheduler, scaler, EMA, the random streams of every
+rank, and the position inside a partly done epoch, so an interrupted-then-resumed run ends with
+the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..models.factory import normalize_kwargs
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import DistInfo
+from .loop import EpochState
+
+__all__ = ["RunState", "seed_all", "log"]
+
+
+def _usage_error(msg: str):
+    from ..cli import UsageError
+    return UsageError(msg)
+
+
+def seed_all(seed: int):
+    """Seed python's, numpy's and torch's generators."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def log(cfg: TrainConfig, dist: DistInfo, msg: str):
+    """A progress line on rank 0 (not with ``--quiet``)."""
+    if cfg.verbose and dist.is_main:
+        print(msg, flush=True)
+
+
+class RunState:
+    """Where a run stands (``global_step``, ``start_epoch``, a partly done ``epoch_state``, ``best``,
+    ``history``) and everything that writes or reads its folder.
+
+    Use: :meth:`prepare` (pick the folder and the checkpoint to resume, before any work), then
+    :meth:`attach` the built model, optimizer, scheduler, scaler and EMA, then :meth:`begin`
+    (resume, or start afresh); during the run :meth:`save`, :meth:`save_best`, :meth:`log_epoch`;
+    at the end :meth:`write_summary`.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, output: str, resume_path: str | None):
+        self.cfg, self.dist = cfg, dist
+        self.output = output
+        self.resume_path = resume_path
+        self.counters = dict(global_step=0)  # updated in place by the training loop
+        self.start_epoch = 0
+        self.epoch_state: EpochState | None = None  # a partly done epoch, from a mid-epoch checkpoint
+        self.best = dict(top1=None, epoch=None)
+        self.history: list[dict] = []
+        self.tb = None
+
+    @property
+    def global_step(self) -> int:
+        return self.counters["global_step"]
+
+    # -- before any work -----------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, cfg: TrainConfig, dist: DistInfo) -> "RunState":
+        """The output folder (``--output``, else the folder of the checkpoint resumed, else
+        ``runs/MODEL``) and the state file to resume from; refuses a folder that already holds a
+        run unless it is resumed."""
+        if cfg.output is None and cfg.resume not in (None, "auto"):
+            found = ckpt.find_resume(cfg.resume, ".")
+            output = os.path.dirname(os.path.abspath(found))  # continue writing where the run was
+        else:
+            output = os.path.abspath(cfg.output or os.path.join("runs", cfg.model))
+        resume_path = ckpt.find_resume(cfg.resume, output)
+        if resume_path is None and os.path.isfile(os.path.join(output, ckpt.STATE_NAME)):
+            raise _usage_error(f"{output} already holds a training run; pass --resume auto to continue it, "
+                               "or another --output")
+        return cls(cfg, dist, output, resume_path)
+
+    def attach(self, *, model: torch.nn.Module, optimizer, scheduler, scaler, ema, model_kwargs: dict,
+               classes: list[str], input_size: tuple[int, ...]):
+        """The objects a checkpoint saves and restores (``model`` unwrapped, not DDP's), and what
+        the weights' metadata records."""
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
+        self.model_kwargs, self.classes, self.input_size = model_kwargs, list(classes), tuple(input_size)
+
+    def begin(self):
+        """Resume from the checkpoint found by :meth:`prepare`, or start afresh; then write
+        ``config.json`` and open tensorboard."""
+        cfg, dist = self.cfg, self.dist
+        if self.resume_path:
+            self._resume()
+        elif dist.is_main:
+            os.makedirs(self.output, exist_ok=True)
+        if not self.resume_path:
+            seed_all(cfg.seed + dist.rank)  # dropout and mixup differ between ranks, as in DeiT
+        self.scheduler.step_update(num_updates=self.global_step)
+        if dist.is_main:
+            if not self.resume_path and os.path.isfile(os.path.join(self.output, "log.jsonl")):
+                os.remove(os.path.join(self.output, "log.jsonl"))  # a fresh start: no rows of an older try
+            ckpt.atomic_write(os.path.join(self.output, "config.json"),
+                              lambda f: f.write(json.dumps(cfg.to_json(), indent=2).encode()))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(self.output, "tensorboard"))
+            except Exception:  # noqa: BLE001  (tensorboard is optional)
+                self.tb = None
+
+    def metadata(self, **extra) -> dict:
+        """What every weights file of the run records (read back by ``eval``, ``viz``, resumption)."""
+        return dict(format="condensevit", model=self.cfg.model, model_kwargs=self.model_kwargs,
+                    num_classes=len(self.classes), classes=self.classes, data=self.cfg.data,
+                    input_size=list(self.input_size), **extra)
+
+    def _resume(self):
+        cfg, dist = self.cfg, self.dist
+        weights, state, meta = ckpt.load_checkpoint(self.resume_path)
+        if meta.get("model") not in (None, cfg.model):
+            raise _usage_error(f"{self.resume_path} is a run of {meta.get('model')}, not {cfg.model}; "
+                               "pass the same --model to resume it")
+        saved_kwargs = normalize_kwargs(meta.get("model_kwargs") or {})
+        if saved_kwargs != self.model_kwargs:
+            raise _usage_error(f"{self.resume_path} was trained with model kwargs {saved_kwargs}, not "
+                               f"{self.model_kwargs}; pass the same --model-kwargs to resume it")
+        ckpt.fit_checkpoint(self.model, weights, source=f"checkpoint {self.resume_path!r}", meta=meta,
+                            data_classes=len(self.classes), data_name=cfg.data)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise _usage_error(f"{self.resume_path} was trained without --model-ema; resume it the same way")
+            self.ema.module.load_state_dict(state["ema"])
+        self.counters["global_step"] = int(state["global_step"])
+        self.start_epoch = int(state["epoch"])
+        if state.get("step_in_epoch"):
+            self.epoch_state = EpochState(epoch=self.start_epoch, step_in_epoch=int(state["step_in_epoch"]),
+                                          loss_sum=float(state.get("loss_sum", 0.0)),
+                                          images=int(state.get("images", 0)),
+                                          elapsed_s=float(state.get("elapsed_s", 0.0)))
+        self.best = dict(state.get("best") or self.best)
+        self.history = [dict(h) for h in json.loads(state.get("history", "[]"))]
+        saved = json.loads(state.get("config", "{}"))
+        for key in ("batch_size", "data", "seed", "lr", "epochs", "mixup", "cutmix", "smoothing"):
+            if key in saved and saved[key] != getattr(cfg, key):
+                log(cfg, dist, f"note: resuming with {key}={getattr(cfg, key)!r} where the run had "
+                               f"{saved[key]!r}; the result will differ from an uninterrupted run")
+        rngs = state["rng"]
+        if int(state.get("world_size", 1)) == dist.world_size and len(rngs) == dist.world_size:
+            ckpt.restore_rng(rngs[dist.rank])
+        else:
+            seed_all(cfg.seed + dist.rank + self.global_step)
+            log(cfg, dist, f"note: the run had {state.get('world_size')} processes, this one "
+                           f"{dist.world_size}; random streams start afresh")
+        # the log keeps the epochs this checkpoint had finished
+        if dist.is_main:
+            path = os.path.join(self.output, "log.jsonl")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", 0) <= self.start_epoch]
+                ckpt.atomic_write(path, lambda f: f.write("".join(lines).encode()))
+        log(cfg, dist, f"resumed {self.resume_path} at epoch {self.start_epoch + 1}, step {self.global_step}")
+
+    # -- during the run ------------------------------------------------------------------------
+    def _gather_rng(self) -> list:
+        state = ckpt.capture_rng()
+        if not self.dist.distributed:
+            return [state]
+        import torch.distributed as tdist
+        out = [None] * self.dist.world_size
+        tdist.all_gather_object(out, state)
+        return out
+
+    def save(self, epoch: int, es: EpochState | None):
+        """Checkpoint (collective: every rank calls it; rank 0 writes). ``epoch`` is the epoch to
+        run next; ``es`` a partly done epoch."""
+        rngs = self._gather_rng()
+        if not self.dist.is_main:
+            return
+        state = dict(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            rng=rngs,
+            world_size=self.dist.world_size,
+            epoch=epoch,
+            global_step=self.global_step,
+            step_in_epoch=es.step_in_epoch if es else 0,
+            loss_sum=es.loss_sum if es else 0.0,
+            images=es.images if es else 0,
+            elapsed_s=es.elapsed_s if es else 0.0,
+            best=self.best,
+            history=json.dumps(self.history),
+            config=json.dumps(self.cfg.to_json()),
+        )
+        ckpt.save_checkpoint(self.output, self.model.state_dict(), state,
+                             self.metadata(epoch=epoch, step_in_epoch=state["step_in_epoch"]))
+
+    def record_epoch(self, row: dict):
+        """A finished epoch: into the history, and ``best.safetensors`` when its top-1 is the best."""
+        self.history.append(row)
+        if self.best["top1"] is None or row["val_top1"] > self.best["top1"]:
+            self.best = dict(top1=row["val_top1"], epoch=row["epoch"])
+            if self.dist.is_main:
+                ckpt.save_weights(os.path.join(self.output, "best.safetensors"), self.model.state_dict(),
+                                  self.metadata(epoch=row["epoch"], val_top1=row["val_top1"]))
+
+    def log_epoch(self, row: dict):
+        """Append ``row`` to ``log.jsonl`` (fsync'ed) and tensorboard."""
+        if not self.dist.is_main:
+            return
+        with open(os.path.join(self.output, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+    # -- at the end ----------------------------------------------------------------------------
+    def write_final(self, summary: dict):
+        """``ema.safetensors`` (with ``--model-ema``) and ``summary.json`` (rank 0)."""
+        if not self.dist.is_main:
+            return
+        if self.ema is not None:
+            ckpt.save_weights(os.path.join(self.output, "ema.safetensors"), self.ema.module.state_dict(),
+                              self.metadata(epoch=len(self.history), ema=True))
+        ckpt.atomic_write(os.path.join(self.output, "summary.json"),
+                          lambda f: f.write((json.dumps(summary, indent=2, default=str) + "\n").encode()))
+

@@ -1,7 +1,6 @@
 """The README's main job, ``condensevit demo``, end to end in its quick form."""
 import json
 import os
-import signal
 
 import pytest
 from PIL import Image
@@ -98,31 +97,3 @@ def test_interrupted_demo_says_how_to_continue_and_resumes(tmp_path, monkeypatch
     # the trainer's own hint, --resume auto, works for the demo too
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--resume", "auto"]) == 0
     assert "baseline (seed 0): resuming the interrupted run" in capsys.readouterr().out
-
-
-def test_ctrl_c_during_training_is_forwarded_as_sigterm():
-    seen = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # as the trainer's loop does
-    try:
-        with demo._sigint_saves():
-            os.kill(os.getpid(), signal.SIGINT)
-        assert seen == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    with pytest.raises(KeyboardInterrupt):  # outside the loop: interrupts as usual
-        with demo._sigint_saves():
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def test_demo_models_are_bench_specs_that_parse_back():
-    from condensevit.bench import parse_model_spec
-    for _, _, name, kwargs in DEMO_MODELS:
-        parsed_name, parsed, _ = parse_model_spec(_spec(name, kwargs))
-        assert parsed_name == name and parsed == {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-def test_demo_bad_epochs_is_a_clear_error(tmp_path, capsys):
-    assert main(["demo", "--epochs", "0", "--out", str(tmp_path)]) == 2
-    assert "--epochs 0 must be at least 1" in capsys.readouterr().err
-    assert main(["demo", "--seeds", "0", "--out", str(tmp_path)]) == 2
-    assert "--seeds 0 must be at least 1" in capsys.readouterr().err

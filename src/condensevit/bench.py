@@ -434,6 +434,10 @@ def bench_figure(result: dict):
 
 
 def _cmd_bench(args) -> int:
+    from .outputs import check_output_file
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)  # before any model is built
     specs = _split_top_level(args.models)
     if not specs:
         raise _usage_error("--models is empty; give a comma-separated list, the baseline first")

@@ -55,17 +55,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("condensevit: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
-        if os.environ.get("CONDENSEVIT_DEBUG") or (isinstance(e, RuntimeError) and not _is_user_runtime_error(e)):
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if os.environ.get("CONDENSEVIT_DEBUG") or (isinstance(e, RuntimeError) and not _is_user_runtime_error(e)) \
+                or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and not _is_user_os_error(e)):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"condensevit {args.command}: error: {msg}", file=sys.stderr)
+        print(f"condensevit {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
 
 def _is_user_runtime_error(e: RuntimeError) -> bool:
     text = str(e)
     return "no CUDA GPU" in text or "CUDA" in text and "available" in text
+
+
+def _is_user_os_error(e: OSError) -> bool:
+    """Files that cannot be written or read (a folder made read-only mid-run, a full disk): the
+    commands check their outputs before starting, this is the net for what changes later."""
+    import errno
+    return e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+
+
+def _worker_error(text: str) -> str | None:
+    """The original message of an error raised in a DataLoader worker process, which PyTorch
+    re-raises as "Caught ValueError in DataLoader worker process 1.\nOriginal Traceback ...": its
+    last line, so that the one line shown names the file, not the worker."""
+    if not text.startswith("Caught ") or "DataLoader worker process" not in text.splitlines()[0]:
+        return None
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else ""
+    return last.split(": ", 1)[1] if ": " in last else last or None
+
+
+def _message(e: BaseException) -> str:
+    """The one line shown for a user error."""
+    text = str(e).strip()
+    inner = _worker_error(text)
+    if inner:
+        return inner
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"cannot write or read {e.filename}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,10 +30,8 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 
 __all__ = ["DEMO_MODELS", "RECIPE", "run_demo", "run_dir_for", "DemoInterrupted", "add_parser"]
 
@@ -90,29 +88,6 @@ class DemoInterrupted(Exception):
     def __init__(self, run_dir: str | None):
         super().__init__(run_dir)
         self.run_dir = run_dir
-
-
-@contextmanager
-def _sigint_saves():
-    """Ctrl-C during training behaves like SIGTERM: the trainer saves a checkpoint and returns.
-
-    The trainer catches SIGTERM while its loop runs; there, SIGINT is forwarded as SIGTERM. Outside
-    the loop (set-up, benchmark, figures) Ctrl-C interrupts at once, as usual."""
-    def handler(signum, frame):
-        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
-            os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def run_dir_for(out: str, short: str, seed: int) -> str:
@@ -356,11 +331,10 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
         f"({recipe['epochs']} epochs each{f', {seeds} seeds' if seeds > 1 else ''}"
         f"{', quick smoke run' if quick else ''}) -> {out}")
     runs = {short: [] for short, *_ in DEMO_MODELS}
-    with _sigint_saves():
-        for seed in seed_list:  # seed by seed: an interrupted demo holds whole comparisons
-            for short, title, name, kwargs in DEMO_MODELS:
-                log(f"- {title}: {name}{f' (seed {seed})' if seeds > 1 else ''}")
-                runs[short].append(_train_one(short, name, kwargs, out, recipe, fresh, progress, log, seed=seed))
+    for seed in seed_list:  # seed by seed: an interrupted demo holds whole comparisons
+        for short, title, name, kwargs in DEMO_MODELS:
+            log(f"- {title}: {name}{f' (seed {seed})' if seeds > 1 else ''}")
+            runs[short].append(_train_one(short, name, kwargs, out, recipe, fresh, progress, log, seed=seed))
 
     log("- measuring GMACs and speed (alternating benchmark rounds)")
     bench = run_bench([_spec(name, dict(kwargs, num_classes=10)) for _, _, name, kwargs in DEMO_MODELS],
@@ -398,6 +372,8 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
 
 
 def _cmd_demo(args) -> int:
+    from .outputs import check_output_dir
+    check_output_dir(args.out, "--out")  # before any training
     try:
         run_demo(args.out, quick=args.quick, fresh=args.fresh, epochs=args.epochs, threads=args.threads,
                  progress=False if args.no_progress else None, seeds=args.seeds)

@@ -317,6 +317,8 @@ def _cmd_viz(args) -> int:
     from . import models as _  # noqa: F401  (registers the models)
     from .bench import _check_model_name
     from .data import model_input_size
+    from .outputs import check_output_file
+    check_output_file(args.out, "--out")  # before any model is built
     if args.model:
         _check_model_name(args.model)
     elif not args.checkpoint:

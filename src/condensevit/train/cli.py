@@ -169,11 +169,13 @@ def _cmd_train(args) -> int:
     from .engine import NonFiniteLossError, train
     cfg = config_from_args(args)
     try:
-        train(cfg)
+        result = train(cfg)
     except NonFiniteLossError as e:
         print(f"condensevit train: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    # stopped by Ctrl-C: 130, as for any program a shell's Ctrl-C ends (a script stops there too);
+    # SIGTERM (a scheduler's pre-emption): 0, the checkpoint is what the scheduler needs
+    return 130 if result.interrupted and result.stopped_by and "SIGINT" in result.stopped_by else 0
 
 
 def _cmd_eval(args) -> int:

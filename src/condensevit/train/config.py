@@ -93,8 +93,9 @@ class TrainResult:
     checkpoint: str | None               # last.safetensors
     best_checkpoint: str | None          # best.safetensors
     output_dir: str
-    interrupted: bool = False            # stopped by SIGTERM; resume with resume='auto'
+    interrupted: bool = False            # stopped by SIGTERM or Ctrl-C; resume with resume='auto'
     history: list = field(default_factory=list)
+    stopped_by: str | None = None        # what stopped an interrupted run ('SIGTERM', 'Ctrl-C (SIGINT)')
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ image's augmentation of (seed, epoch, index) (:class:`~condensevit.data.SeededAu
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import torch
@@ -100,10 +101,17 @@ def default_workers(workers: int | None, device: torch.device, world: int) -> in
     return max(0, min(8, (os.cpu_count() or 1) // max(world, 1) - 1))
 
 
+def _ignore_sigint(worker_id: int):  # noqa: ARG001
+    # Ctrl-C reaches the whole process group: the main process stops at a step boundary and saves,
+    # so the workers must not die under it first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader_kwargs(workers: int, device: torch.device) -> dict:
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
     if workers > 0:
         kw["persistent_workers"] = False  # workers must see each epoch's set_epoch
+        kw["worker_init_fn"] = _ignore_sigint
     return kw
 
 

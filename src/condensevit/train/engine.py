@@ -26,9 +26,11 @@ GPU as far as its kernels are deterministic).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import signal
 import sys
-import time
 
 import torch.nn as nn
 
@@ -82,6 +84,8 @@ class _Run:
         _check_config(cfg)
         self.state = RunState.prepare(cfg, dist)
         self.output = self.state.output
+        if self.state.complete is not None:
+            return  # nothing to do: run() says so
         self.model_kwargs = normalize_kwargs(cfg.model_kwargs)
         self.data = TrainData.open(cfg, dist, self.model_kwargs)  # data first: the classes size the classifier
 
@@ -167,15 +171,16 @@ class _Run:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        if self.state.complete is not None:
+            return self._already_complete()
         cfg, dist, data, state = self.cfg, self.dist, self.data, self.state
-        t_start = time.perf_counter()
         interrupted = False
         nparams = sum(p.numel() for p in self.model_plain.parameters())
         log(cfg, dist, f"training {cfg.model} {self.model_kwargs or ''} on {cfg.data}: {len(data.train_set)} "
                        f"train / {len(data.val_set)} val images, {data.num_classes} classes, input "
                        f"{data.input_size}, {nparams / 1e6:.2f}M params, {dist.world_size} process(es) on "
                        f"{dist.device}, {data.steps_per_epoch} steps/epoch -> {self.output}")
-        with ckpt.GracefulStop() as stop:
+        with ckpt.GracefulStop(signals=(signal.SIGTERM, signal.SIGINT)) as stop:
             for epoch in range(state.start_epoch, cfg.epochs):
                 es = state.epoch_state or EpochState(epoch=epoch)
                 state.epoch_state = None
@@ -192,20 +197,20 @@ class _Run:
                 if status == "stopped":
                     state.save(epoch, es)
                     interrupted = True
+                    self.stopped_by = _signal_name(stop.signum)
                     if dist.is_main:  # shown even with --quiet: the user must know how to go on
-                        print(f"condensevit train: stopped at epoch {epoch + 1}, step {state.global_step}"
+                        by = f" by {self.stopped_by}" if self.stopped_by else ""
+                        print(f"condensevit train: stopped{by} at epoch {epoch + 1}, step {state.global_step}"
                               f": checkpoint saved in {self.output}; continue with --resume auto",
                               file=sys.stderr, flush=True)
                     break
                 row = self._validate(epoch, es)
-                state.record_epoch(row)
-                state.log_epoch(row)
-                state.save(epoch + 1, None)
+                state.save(epoch + 1, None, row)
                 ema_txt = f"  ema_top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else ""
                 log(cfg, dist, f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
                                f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}  val_top5 "
                                f"{row['val_top5']:.2f}{ema_txt}  lr {row['lr']:.2e}  {es.elapsed_s:.1f}s")
-        train_time = time.perf_counter() - t_start
+        train_time = state.run_time()
         state.close()
         if cfg.debug_weights_hash:
             print(f"weights-sha256 rank={dist.rank} {ckpt.weights_hash(self.model_plain.state_dict())}", flush=True)
@@ -256,7 +261,8 @@ class _Run:
             train_time_s=round(train_time, 2), epochs_done=len(state.history),
             checkpoint=os.path.join(out, ckpt.WEIGHTS_NAME),
             best_checkpoint=os.path.join(out, "best.safetensors") if state.best.get("top1") is not None else None,
-            output_dir=out, interrupted=interrupted, history=list(state.history))
+            output_dir=out, interrupted=interrupted, history=list(state.history),
+            stopped_by=getattr(self, "stopped_by", None))
         if dist.is_main and not interrupted:
             summary = {k: v for k, v in result.as_dict().items() if k != "history"}
             summary.update(model=cfg.model, model_kwargs=self.model_kwargs, data=cfg.data,
@@ -265,6 +271,29 @@ class _Run:
             state.write_final(summary)
             log(cfg, dist, _format_summary(summary))
         return result
+
+
+    def _already_complete(self) -> TrainResult:
+        """``--resume auto`` on a run that had finished: say so, change nothing, return its summary."""
+        cfg, summary = self.cfg, self.state.complete
+        if self.dist.is_main:
+            print(f"condensevit train: {self.output} has already finished its {summary['epochs_done']} epochs "
+                  f"(top-1 {_fmt(summary.get('final_top1'), '.2f')}); nothing to do, nothing changed. To train "
+                  f"it longer, pass --resume auto with --epochs above {summary['epochs_done']} (asked: "
+                  f"{cfg.epochs})", file=sys.stderr, flush=True)
+        history = []
+        log_path = os.path.join(self.output, "log.jsonl")
+        if os.path.isfile(log_path):
+            with open(log_path) as f:
+                history = [json.loads(ln) for ln in f if ln.strip()]
+        fields = {f.name for f in dataclasses.fields(TrainResult)} - {"history", "interrupted", "stopped_by"}
+        return TrainResult(**{k: summary.get(k) for k in fields}, history=history)
+
+
+def _signal_name(signum) -> str | None:
+    if signum is None:
+        return None
+    return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
 
 
 def _fmt(v, spec):
@@ -286,8 +315,8 @@ def train(config: TrainConfig) -> TrainResult:
     import torch.distributed as tdist
     owned = not (tdist.is_available() and tdist.is_initialized())
     dist = init_distributed(config.device)
+    run = _Run(config, dist)
     try:
-        run = _Run(config, dist)
         run.setup()
         try:
             return run.run()
@@ -298,6 +327,8 @@ def train(config: TrainConfig) -> TrainResult:
             raise NonFiniteLossError(f"{e}; stopped without saving, {kept}. Lower --lr, set --clip-grad, "
                                      "or check the data") from None
     finally:
+        if getattr(run, "state", None) is not None:
+            run.state.release()
         if owned:
             cleanup_distributed()
 

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import torch
 
 from ..models.factory import normalize_kwargs
+from ..outputs import check_output_dir, disk_full_error, is_disk_full
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import DistInfo
+from .distributed import DistInfo, raise_together
 from .loop import EpochState
+from .run_lock import RunLock
 
 __all__ = ["RunState", "seed_all", "log"]
 
@@ -54,14 +58,19 @@ class RunState:
 
     Use: :meth:`prepare` (pick the folder and the checkpoint to resume, before any work), then
     :meth:`attach` the built model, optimizer, scheduler, scaler and EMA, then :meth:`begin`
-    (resume, or start afresh); during the run :meth:`save`, :meth:`save_best`, :meth:`log_epoch`;
-    at the end :meth:`write_summary`.
+    (resume, or start afresh); during the run :meth:`save` (mid-epoch, or with an epoch's log row);
+    at the end :meth:`write_final` and :meth:`release`.
     """
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, output: str, resume_path: str | None):
         self.cfg, self.dist = cfg, dist
         self.output = output
         self.resume_path = resume_path
+        self.lock: RunLock | None = None
+        self.created_output = False
+        self.complete: dict | None = None  # the summary of a run that had already finished
+        self.time_before = 0.0  # training time of the sessions before this one (resumed runs)
+        self.session_start = time.perf_counter()
         self.counters = dict(global_step=0)  # updated in place by the training loop
         self.start_epoch = 0
         self.epoch_state: EpochState | None = None  # a partly done epoch, from a mid-epoch checkpoint
@@ -76,19 +85,67 @@ class RunState:
     # -- before any work -----------------------------------------------------------------------
     @classmethod
     def prepare(cls, cfg: TrainConfig, dist: DistInfo) -> "RunState":
-        """The output folder (``--output``, else the folder of the checkpoint resumed, else
-        ``runs/MODEL``) and the state file to resume from; refuses a folder that already holds a
-        run unless it is resumed."""
+        """Before any work: the output folder (``--output``, else the folder of the checkpoint
+        resumed, else ``runs/MODEL``), checked writable and locked against a second training
+        (rank 0; every rank fails when it fails); the checkpoint to resume; and whether the run
+        had already finished (:attr:`complete`). Refuses a folder that already holds a run unless
+        it is resumed."""
         if cfg.output is None and cfg.resume not in (None, "auto"):
             found = ckpt.find_resume(cfg.resume, ".")
             output = os.path.dirname(os.path.abspath(found))  # continue writing where the run was
         else:
             output = os.path.abspath(cfg.output or os.path.join("runs", cfg.model))
-        resume_path = ckpt.find_resume(cfg.resume, output)
-        if resume_path is None and os.path.isfile(os.path.join(output, ckpt.STATE_NAME)):
-            raise _usage_error(f"{output} already holds a training run; pass --resume auto to continue it, "
-                               "or another --output")
-        return cls(cfg, dist, output, resume_path)
+        self = cls(cfg, dist, output, None)
+        error = None
+        if dist.is_main:
+            try:
+                check_output_dir(output, "--output")
+                self.created_output = not os.path.isdir(output)
+                os.makedirs(output, exist_ok=True)
+                self.lock = RunLock.acquire(output)
+                if self.lock.notice:
+                    print(f"condensevit train: {self.lock.notice}", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001  (shared with the other ranks, then raised)
+                error = e
+        raise_together(error, dist)
+        try:
+            self.resume_path = ckpt.find_resume(cfg.resume, output)
+            if self.resume_path is None and ckpt.has_checkpoint(output):
+                raise _usage_error(f"{output} already holds a training run; pass --resume auto to continue it, "
+                                   "or another --output")
+            if self.resume_path:
+                self.complete = self._finished_summary()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _finished_summary(self) -> dict | None:
+        """The summary of the resumed run when it had finished all the epochs asked (nothing to do)."""
+        try:
+            state = torch.load(self.resume_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  (unreadable: resuming says why)
+            return None
+        summary = os.path.join(self.output, "summary.json")
+        if int(state.get("epoch", 0)) < self.cfg.epochs or state.get("step_in_epoch") or not os.path.isfile(summary):
+            return None
+        try:
+            with open(summary) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return done if int(done.get("epochs_done") or 0) == int(state["epoch"]) else None
+
+    def release(self):
+        """Unlock the folder (and remove it when this run created it and wrote nothing)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+            if self.created_output:
+                try:
+                    os.rmdir(self.output)  # only succeeds when empty
+                except OSError:
+                    pass
 
     def attach(self, *, model: torch.nn.Module, optimizer, scheduler, scaler, ema, model_kwargs: dict,
                classes: list[str], input_size: tuple[int, ...]):
@@ -101,10 +158,12 @@ class RunState:
         """Resume from the checkpoint found by :meth:`prepare`, or start afresh; then write
         ``config.json`` and open tensorboard."""
         cfg, dist = self.cfg, self.dist
+        if dist.is_main:
+            ckpt.remove_stale_temporaries(self.output)  # of writes a kill interrupted (we hold the lock)
+        self.created_output = False  # from here on the folder holds the run
+        self.session_start = time.perf_counter()
         if self.resume_path:
             self._resume()
-        elif dist.is_main:
-            os.makedirs(self.output, exist_ok=True)
         if not self.resume_path:
             seed_all(cfg.seed + dist.rank)  # dropout and mixup differ between ranks, as in DeiT
         self.scheduler.step_update(num_updates=self.global_step)
@@ -154,6 +213,7 @@ class RunState:
                                           elapsed_s=float(state.get("elapsed_s", 0.0)))
         self.best = dict(state.get("best") or self.best)
         self.history = [dict(h) for h in json.loads(state.get("history", "[]"))]
+        self.time_before = float(state.get("run_time_s", sum(h.get("epoch_time_s", 0.0) for h in self.history)))
         saved = json.loads(state.get("config", "{}"))
         for key in ("batch_size", "data", "seed", "lr", "epochs", "mixup", "cutmix", "smoothing"):
             if key in saved and saved[key] != getattr(cfg, key):
@@ -171,11 +231,15 @@ class RunState:
             path = os.path.join(self.output, "log.jsonl")
             if os.path.isfile(path):
                 with open(path) as f:
-                    lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", 0) <= self.start_epoch]
+                    lines = [ln for ln in f if _log_epoch_of(ln) <= self.start_epoch]
                 ckpt.atomic_write(path, lambda f: f.write("".join(lines).encode()))
         log(cfg, dist, f"resumed {self.resume_path} at epoch {self.start_epoch + 1}, step {self.global_step}")
 
     # -- during the run ------------------------------------------------------------------------
+    def run_time(self) -> float:
+        """Seconds of training, all sessions of the run together."""
+        return self.time_before + time.perf_counter() - self.session_start
+
     def _gather_rng(self) -> list:
         state = ckpt.capture_rng()
         if not self.dist.distributed:
@@ -185,12 +249,32 @@ class RunState:
         tdist.all_gather_object(out, state)
         return out
 
-    def save(self, epoch: int, es: EpochState | None):
-        """Checkpoint (collective: every rank calls it; rank 0 writes). ``epoch`` is the epoch to
-        run next; ``es`` a partly done epoch."""
+    def save(self, epoch: int, es: EpochState | None, row: dict | None = None):
+        """Checkpoint (collective: every rank calls it; rank 0 writes; when a write fails every rank
+        raises). ``epoch`` is the epoch to run next; ``es`` a partly done epoch. With ``row``, the
+        epoch just finished: it joins the history and the log, and ``best.safetensors`` when its
+        top-1 is the best so far, before the checkpoint is written."""
+        improved = False
+        if row is not None:
+            self.history.append(row)
+            improved = self.best["top1"] is None or row["val_top1"] > self.best["top1"]
+            if improved:
+                self.best = dict(top1=row["val_top1"], epoch=row["epoch"])
         rngs = self._gather_rng()
-        if not self.dist.is_main:
-            return
+        error = None
+        if self.dist.is_main:
+            try:
+                if improved:
+                    ckpt.save_weights(os.path.join(self.output, "best.safetensors"), self.model.state_dict(),
+                                      self.metadata(epoch=row["epoch"], val_top1=row["val_top1"]))
+                if row is not None:
+                    self._log_epoch(row)
+                self._write_checkpoint(epoch, es, rngs)
+            except Exception as e:  # noqa: BLE001  (shared with the other ranks, then raised)
+                error = e
+        raise_together(error, self.dist)
+
+    def _write_checkpoint(self, epoch: int, es: EpochState | None, rngs: list):
         state = dict(
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -207,27 +291,24 @@ class RunState:
             best=self.best,
             history=json.dumps(self.history),
             config=json.dumps(self.cfg.to_json()),
+            run_time_s=self.run_time(),
         )
         ckpt.save_checkpoint(self.output, self.model.state_dict(), state,
                              self.metadata(epoch=epoch, step_in_epoch=state["step_in_epoch"]))
 
-    def record_epoch(self, row: dict):
-        """A finished epoch: into the history, and ``best.safetensors`` when its top-1 is the best."""
-        self.history.append(row)
-        if self.best["top1"] is None or row["val_top1"] > self.best["top1"]:
-            self.best = dict(top1=row["val_top1"], epoch=row["epoch"])
-            if self.dist.is_main:
-                ckpt.save_weights(os.path.join(self.output, "best.safetensors"), self.model.state_dict(),
-                                  self.metadata(epoch=row["epoch"], val_top1=row["val_top1"]))
-
-    def log_epoch(self, row: dict):
+    def _log_epoch(self, row: dict):
         """Append ``row`` to ``log.jsonl`` (fsync'ed) and tensorboard."""
-        if not self.dist.is_main:
-            return
-        with open(os.path.join(self.output, "log.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path = os.path.join(self.output, "log.jsonl")
+        line = json.dumps(row) + "\n"
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.output, len(line), "log.jsonl") from None
+            raise
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
@@ -237,6 +318,7 @@ class RunState:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
     # -- at the end ----------------------------------------------------------------------------
     def write_final(self, summary: dict):
@@ -249,3 +331,10 @@ class RunState:
         ckpt.atomic_write(os.path.join(self.output, "summary.json"),
                           lambda f: f.write((json.dumps(summary, indent=2, default=str) + "\n").encode()))
 
+
+def _log_epoch_of(line: str) -> float:
+    """The epoch of a ``log.jsonl`` line (infinity for a line a kill or a full disk cut short: dropped)."""
+    try:
+        return float(json.loads(line).get("epoch", 0)) if line.strip() else float("inf")
+    except ValueError:
+        return float("inf")

@@ -48,8 +48,9 @@ GROUPS = (
 STEPS = ("inference", "compile", "train", "demo")
 
 # --dry-run: the same models at tiny width (and tiny clips), so every step runs in seconds on a CPU
-_DRY_IMAGE = dict(embed_dim=32, num_heads=2)
-_DRY_SWIN = dict(embed_dim=32, num_heads=(1, 2, 4, 8), depths=(2, 2, 6, 2))
+_DRY_IMAGE = dict(embed_dim=32, num_heads=2, depth=6, img_size=112)  # 7x7 patches: every grid up to 7x7 fits
+DRY_IMAGE_INPUT = (3, 112, 112)
+_DRY_SWIN = dict(embed_dim=32, num_heads=(1, 2, 4, 8), depths=(2, 2, 6, 2))  # STViT-R classifies at 224 only
 _DRY_VIDEO = dict(embed_dim=32, num_heads=2, depth=4, num_frames=8, img_size=48)
 _DRY_VIDEO_EXTRA = {"stvit_video": dict(semantic_grid=(2, 2, 2), stgm_start=1),
                     "lookupvit_video": dict(compressed_grid=(2, 2, 2))}
@@ -84,7 +85,8 @@ def bench_step(mode: str, compile, dry: bool, device: str, progress: bool) -> li
         specs = [spec(n, dict(kw, **dry_kwargs(n)) if dry else kw) for n, kw in models]
         video = key.startswith("video")
         t0 = time.perf_counter()
-        res = run_bench(specs, input_size=DRY_VIDEO_INPUT if dry and video else None,
+        dry_input = DRY_VIDEO_INPUT if video else None if "swin" in key else DRY_IMAGE_INPUT
+        res = run_bench(specs, input_size=dry_input if dry else None,
                         batch_size=(1 if video else 2) if dry else batch, device=device, amp=True,
                         amp_dtype="bfloat16", compile=compile, mode=mode,
                         warmup=0 if dry else 3, iters=1 if dry else 10, rounds=1 if dry else 3,

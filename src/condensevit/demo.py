@@ -76,8 +76,9 @@ def _finished_run(out_dir: str, cfg) -> dict | None:
     except (OSError, ValueError):
         return None
     new = cfg.to_json()
+    defaults = type(cfg)(model="").to_json()  # an option newer than the run: it ran with the default
     keys = [k for k in new if k not in ("output", "progress", "verbose", "measure", "resume")]
-    if any(old.get(k) != new[k] for k in keys):
+    if any(old.get(k, defaults.get(k)) != new[k] for k in keys):
         return None
     return done
 

@@ -23,6 +23,8 @@ def parse_model_kwargs(items) -> dict:
 
     if not items:
         return {}
+    if isinstance(items, dict):  # from a --config file
+        return dict(items)
     if isinstance(items, str):
         items = [items]
     text = " ".join(items).strip()
@@ -63,7 +65,8 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes (default: 0 on CPU)")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
 
 
 def add_parser(sub: argparse._SubParsersAction):
@@ -74,13 +77,24 @@ def add_parser(sub: argparse._SubParsersAction):
                        description="Train or fine-tune any registered model on the digits set or an "
                                    "ImageFolder tree; launch with torchrun for several processes.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="options from a YAML file (keys: these options' names, e.g. batch_size: 128); flags "
+                        "given here override it; recipes/ holds the papers' ImageNet recipes")
     _add_common(p)
     p.add_argument("--output", default=None, help="run folder (default: runs/MODEL)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
+                   help="gradient accumulation: micro-batches of --batch-size per optimizer update")
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--opt", default=d.opt, help="timm optimizer name")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-base", type=float, default=None,
+                   help="set: lr = LR_BASE x global batch / --lr-base-size, the global batch being batch size x "
+                        "accum steps x processes (DeiT: 5e-4 per 512)")
+    p.add_argument("--lr-base-size", type=int, default=d.lr_base_size)
+    p.add_argument("--warmup-lr-base", type=float, default=None, help="set: --warmup-lr scaled as --lr-base")
+    p.add_argument("--min-lr-base", type=float, default=None, help="set: --min-lr scaled as --lr-base")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--sched", default=d.sched, help="timm scheduler name")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
@@ -99,7 +113,15 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--scale", type=_scale, default=None, help="random-resized-crop scale range, e.g. 0.08,1.0")
     p.add_argument("--color-jitter", type=float, default=None)
     p.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
-    p.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
+    p.add_argument("--remode", default=d.remode, choices=("pixel", "rand", "const"), help="random erasing fill")
+    p.add_argument("--recount", type=int, default=d.recount, help="random erasing boxes per image")
+    p.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, default=d.repeated_aug,
+                   help="DeiT's repeated augmentation (timm's RepeatAugSampler)")
+    p.add_argument("--repeated-aug-repeats", type=int, default=d.repeated_aug_repeats)
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth rate (the model's drop_path_rate; default: the model's own)")
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep an exponential moving average of the weights")
     p.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay)
     p.add_argument("--amp-dtype", default=d.amp_dtype, choices=("float16", "bfloat16"), help="on CUDA")
     p.add_argument("--teacher", default=None, help="teacher model name for knowledge distillation")
@@ -120,14 +142,17 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip GMACs and throughput in the summary")
     p.add_argument("--throughput-batch-size", type=int, default=None)
-    p.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with unused branches")
+    p.add_argument("--find-unused-parameters", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP option for models with unused branches")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     # test hooks
     p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-weights-hash", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_train)
+    from .config_file import mark_defaults
+    mark_defaults(p)  # so that a --config file never overrides a flag given on the command line
+    p.set_defaults(func=_cmd_train, train_parser=p)
 
     e = sub.add_parser("eval", help="top-1 / top-5 and loss of a checkpoint",
                        description="Evaluate a checkpoint on the val split; --model-kwargs may change the "
@@ -140,19 +165,41 @@ def add_parser(sub: argparse._SubParsersAction):
     e.set_defaults(func=_cmd_eval)
 
 
+def _resolve_args(args) -> argparse.Namespace:
+    """The options as they apply: flags given on the command line, then the ``--config`` file's
+    values, then the defaults (``model_kwargs`` / ``teacher_kwargs`` merged key by key)."""
+    from .config_file import explicit, load_config_file, plain
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    config = plain(values.get("config"))
+    if config and getattr(args, "train_parser", None) is not None:
+        from_file = load_config_file(config, args.train_parser)
+        for dest, value in from_file.items():
+            given = values.get(dest)
+            if dest in ("model_kwargs", "teacher_kwargs") and explicit(given) and given and value:
+                values[dest] = {**value, **parse_model_kwargs(given)}  # the command line's keys win
+            elif not explicit(given):
+                values[dest] = value
+    return argparse.Namespace(**{k: plain(v) for k, v in values.items()})
+
+
 def config_from_args(args):
     from .engine import TrainConfig
     from ..cli import UsageError
+    args = _resolve_args(args)
     if not args.model:
-        raise UsageError("no model given; pass --model NAME (`condensevit models` lists ours)")
+        raise UsageError("no model given; pass --model NAME (`condensevit models` lists ours), or --config FILE")
     return TrainConfig(
         model=args.model, data=args.data, model_kwargs=parse_model_kwargs(args.model_kwargs), output=args.output,
-        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, opt=args.opt,
-        lr=args.lr, weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        accum_steps=args.accum_steps, opt=args.opt, lr=args.lr, lr_base=args.lr_base,
+        lr_base_size=args.lr_base_size, warmup_lr_base=args.warmup_lr_base, min_lr_base=args.min_lr_base,
+        weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
         smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, mixup_prob=args.mixup_prob,
         mixup_switch_prob=args.mixup_switch_prob, aa=args.aa, hflip=args.hflip, scale=args.scale,
-        color_jitter=args.color_jitter, reprob=args.reprob, model_ema=args.model_ema,
+        color_jitter=args.color_jitter, reprob=args.reprob, remode=args.remode, recount=args.recount,
+        repeated_aug=args.repeated_aug, repeated_aug_repeats=args.repeated_aug_repeats, drop_path=args.drop_path,
+        model_ema=args.model_ema,
         model_ema_decay=args.model_ema_decay, amp=args.amp, amp_dtype=args.amp_dtype, teacher=args.teacher,
         teacher_checkpoint=args.teacher_checkpoint, teacher_kwargs=parse_model_kwargs(args.teacher_kwargs),
         distillation_type=args.distillation_type, distillation_alpha=args.distillation_alpha,

@@ -90,7 +90,8 @@ def bench_step(mode: str, compile, dry: bool, device: str, progress: bool) -> li
                         batch_size=(1 if video else 2) if dry else batch, device=device, amp=True,
                         amp_dtype="bfloat16", compile=compile, mode=mode,
                         warmup=0 if dry else 3, iters=1 if dry else 10, rounds=1 if dry else 3,
-                        min_time=0.0 if dry else 1.0, progress=progress, isolate=not dry)
+                        min_time=0.0 if dry else 1.0, progress=progress, isolate=not dry,
+                        latency_iters=1 if dry else 20)
         for row, (n, kw) in zip(res["rows"], models):
             row["label"] = _label(n, kw)
         out.append(dict(key=key, title=title, wall_s=time.perf_counter() - t0, **res))

@@ -184,7 +184,7 @@ class _ModelRunner:
             latency = float("nan")
             if msg["latency"] and self.step1 is not None:
                 latency = median_latency_ms(self.step1, self.dev, warmup=max(msg["warmup"], 1),
-                                            iters=max(msg["iters"], 10))
+                                            iters=msg.get("latency_iters") or max(msg["iters"], 10))
         if self.memory is None:
             return dict(images_per_s=ips, latency_ms=latency, peak_memory_mb=float("nan"),
                         memory_method="not measured (all models in one process: --in-process)")
@@ -286,11 +286,12 @@ def _middle(values: list[float]) -> float:
 
 def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, compile=False,
               channels_last=False, warmup=2, iters=5, rounds=2, progress=True, mode="inference",
-              amp_dtype=None, min_time=0.0, isolate=True) -> dict:
+              amp_dtype=None, min_time=0.0, isolate=True, latency_iters=None) -> dict:
     """Measure each model alternately ``rounds`` times; the first model is the baseline.
 
     ``mode``: ``'inference'`` (eval, no grad; images/s at ``batch_size`` and batch-1 latency) or
-    ``'train'`` (forward + loss + backward + AdamW step; images/s). Each model runs in its own
+    ``'train'`` (forward + loss + backward + AdamW step; images/s). Batch-1 latency is the median
+    of ``latency_iters`` runs (default: ``max(iters, 10)``) in the first round. Each model runs in its own
     process (see :class:`condensevit.measure.OwnPeakMemory` for what its peak memory counts; with
     ``isolate=False`` all run in this process, which starts quicker, and peak memory is NaN); its
     images/s is the median over rounds (the mean of the middle two for an even count), GMACs are
@@ -330,7 +331,7 @@ def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, co
             for e in (entries if r % 2 == 0 else entries[::-1]):  # alternate so drift favours no one
                 bar.set_postfix_str(f"round {r + 1}/{rounds} {e['label']}")
                 e["proc"].send(cmd="run", warmup=warmup if r == 0 else 1, iters=iters, min_time=min_time,
-                               latency=r == 0 and mode == "inference")
+                               latency=r == 0 and mode == "inference", latency_iters=latency_iters)
                 e["runs"].append(e["proc"].recv())
                 bar.update(1)
     finally:

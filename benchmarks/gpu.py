@@ -1,7 +1,9 @@
 """The GPU figures in one run (issue 15, item 4); started by ``bash benchmarks/gpu.sh``.
 
-On one CUDA GPU, in about eight minutes, it measures each condensed model against its baseline with
-``condensevit bench`` (alternating rounds, each model in its own process):
+On one CUDA GPU it measures each condensed model against its baseline with ``condensevit bench``
+(alternating rounds, each model in its own process; every timed run at least 0.5 s). Planned to fit in
+eight minutes (our estimate: it has not run on a GPU yet; ``gpu.json`` records each step's wall time
+and ``--steps`` runs a subset):
 
 1. inference, AMP (bfloat16), batch 128 (the papers' setting; video: batch 8), eager: images/s and
    the speed-up; batch-1 latency in the same run;
@@ -78,7 +80,11 @@ def _label(name: str, kwargs: dict) -> str:
     return f"{name} ({'x'.join(map(str, grid))})" if grid and "video" not in name else name
 
 
-def bench_step(mode: str, compile, dry: bool, device: str, progress: bool) -> list[dict]:
+# alternating rounds per step: three where it is cheap; two where building (compiling) dominates the time
+ROUNDS = dict(inference=3, compile=2, train=2)
+
+
+def bench_step(step: str, mode: str, compile, dry: bool, device: str, progress: bool) -> list[dict]:
     from condensevit.bench import run_bench
     out = []
     for key, title, models, batch in GROUPS:
@@ -86,12 +92,20 @@ def bench_step(mode: str, compile, dry: bool, device: str, progress: bool) -> li
         video = key.startswith("video")
         t0 = time.perf_counter()
         dry_input = DRY_VIDEO_INPUT if video else None if "swin" in key else DRY_IMAGE_INPUT
-        res = run_bench(specs, input_size=dry_input if dry else None,
-                        batch_size=(1 if video else 2) if dry else batch, device=device, amp=True,
-                        amp_dtype="bfloat16", compile=compile, mode=mode,
-                        warmup=0 if dry else 3, iters=1 if dry else 10, rounds=1 if dry else 3,
-                        min_time=0.0 if dry else 1.0, progress=progress, isolate=not dry,
-                        latency_iters=1 if dry else 20)
+        try:
+            res = run_bench(specs, input_size=dry_input if dry else None,
+                            batch_size=(1 if video else 2) if dry else batch, device=device, amp=True,
+                            amp_dtype="bfloat16", compile=compile, mode=mode,
+                            warmup=0 if dry else 3, iters=1 if dry else 10, rounds=1 if dry else ROUNDS[step],
+                            min_time=0.0 if dry else 0.5, progress=progress, isolate=not dry,
+                            latency_iters=1 if dry else 20)
+        except Exception as e:  # noqa: BLE001  (one group failing must not cost the GPU time of the others)
+            if dry:
+                raise
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            out.append(dict(key=key, title=title, wall_s=time.perf_counter() - t0, error=msg))
+            print(f"  {mode}{' compiled' if compile else ''}: {title}: FAILED: {msg}", flush=True)
+            continue
         for row, (n, kw) in zip(res["rows"], models):
             row["label"] = _label(n, kw)
         out.append(dict(key=key, title=title, wall_s=time.perf_counter() - t0, **res))
@@ -108,12 +122,22 @@ def demo_step(out: str, dry: bool, device: str) -> list[dict]:
     recipe = dict(RECIPE, epochs=1)
     if dry:
         recipe.update(max_steps_per_epoch=2, limit_val_batches=1)
+    import shutil
     for short, title, name, kwargs in DEMO_MODELS:
-        cfg = TrainConfig(model=name, model_kwargs=dict(kwargs), output=os.path.join(out, "demo_amp", short),
+        run_dir = os.path.join(out, "demo_amp", short)
+        shutil.rmtree(run_dir, ignore_errors=True)  # this script's scratch run: always a fresh epoch
+        cfg = TrainConfig(model=name, model_kwargs=dict(kwargs), output=run_dir,
                           device=device, amp=True, amp_dtype="bfloat16", measure=False, progress=False,
                           verbose=False, **recipe)
         t0 = time.perf_counter()
-        r = train(cfg)
+        try:
+            r = train(cfg)
+        except Exception as e:  # noqa: BLE001  (report it, keep the other models' runs)
+            if dry:
+                raise
+            rows.append(dict(short=short, title=title, model=name, error=str(e).strip().splitlines()[-1]))
+            print(f"  demo AMP epoch: {short} FAILED: {rows[-1]['error']}", flush=True)
+            continue
         rows.append(dict(short=short, title=title, model=name, top1=r.final_top1, loss=r.final_loss,
                          train_time_s=r.train_time_s, wall_s=time.perf_counter() - t0, epochs=r.epochs_done))
         print(f"  demo AMP epoch: {short} top-1 {r.final_top1:.2f} loss {r.final_loss:.3f} "
@@ -132,9 +156,13 @@ def markdown(result: dict) -> str:
                  f"{result['wall_s'] / 60:.1f} min. AMP is bfloat16 autocast; images/s are medians over "
                  "alternating rounds, each model in its own process.", ""]
     by_key = {}
+    failed = []
     for step in ("inference", "compile", "train"):
         for g in result.get(step, []):
-            by_key.setdefault(g["key"], {})[step] = g
+            if "error" in g:
+                failed.append(f"- {step}: {g['title']}: failed: {g['error']}")
+            else:
+                by_key.setdefault(g["key"], {})[step] = g
     if by_key:
         lines += ["| group | model | GMACs ratio | batch | img/s | speed-up | b1 latency (ms) | b1 speed-up | "
                   "compiled img/s | compiled speed-up | compiled b1 speed-up | train img/s | train speed-up | "
@@ -164,10 +192,15 @@ def markdown(result: dict) -> str:
         lines += ["", "Speed-ups are against the group's first model (>1: faster); b1 speed-up is the baseline's "
                       "batch-1 latency over the model's. Train: forward + loss + backward + AdamW step; peak mem: "
                       "the model's own CUDA peak allocation (weights, gradients, optimizer state, activations).", ""]
+    if failed:
+        lines += ["Groups that failed (their columns show '-'):", ""] + failed + [""]
     if result.get("demo"):
         lines += ["## One epoch of AMP training (the demo models, the demo recipe)", "",
                   "| model | top-1 after 1 epoch (%) | val loss | train time (s) |", "|---|---:|---:|---:|"]
         for r in result["demo"]:
+            if "error" in r:
+                lines.append(f"| {r['title']} | failed: {r['error']} | | |")
+                continue
             lines.append(f"| {r['title']} | {_f(r['top1'])} | {_f(r['loss'], '{:.3f}')} | {_f(r['train_time_s'], '{:.1f}')} |")
         lines.append("")
     lines += ["Step wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["step_wall_s"].items()), ""]
@@ -213,11 +246,12 @@ def main(argv=None) -> int:
     for step in steps:
         t0 = time.perf_counter()
         if step == "inference":
-            result[step] = bench_step("inference", False, args.dry_run, device, progress)
+            result[step] = bench_step(step, "inference", False, args.dry_run, device, progress)
         elif step == "compile":
-            result[step] = bench_step("inference", "eager" if args.dry_run else True, args.dry_run, device, progress)
+            result[step] = bench_step(step, "inference", "eager" if args.dry_run else True, args.dry_run, device,
+                                      progress)
         elif step == "train":
-            result[step] = bench_step("train", False, args.dry_run, device, progress)
+            result[step] = bench_step(step, "train", False, args.dry_run, device, progress)
         elif step == "demo":
             result[step] = demo_step(args.out, args.dry_run, device)
         result["step_wall_s"][step] = time.perf_counter() - t0

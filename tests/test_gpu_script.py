@@ -58,3 +58,15 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path, capsys):
     md = (tmp_path / "gpu.md").read_text()
     assert "DRY RUN" in md and "lookupvit_base_patch16_224 (7x7)" in md and "One epoch of AMP training" in md
     assert md.count("\n| ") >= 11 + 3  # a row per model of every group, and per demo model
+
+
+def test_a_failed_group_is_reported_not_fatal_in_the_table():
+    gpu = _gpu_module()
+    env = dict(device="cuda", gpu="H", torch="2", timm="1")
+    result = dict(dry_run=False, date="d", wall_s=60.0, environment=env, step_wall_s={"compile": 60.0},
+                  compile=[dict(key="stvit_r_swin_small", title="STViT-R-S vs Swin-S", wall_s=1.0,
+                                error="RuntimeError: inductor failed")],
+                  demo=[dict(short="stvit", title="STViT", model="m", error="out of memory")])
+    md = gpu.markdown(result)
+    assert "compile: STViT-R-S vs Swin-S: failed: RuntimeError: inductor failed" in md
+    assert "| STViT | failed: out of memory |" in md

@@ -150,8 +150,8 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-weights-hash", action="store_true", help=argparse.SUPPRESS)
-    from .config_file import mark_defaults
-    mark_defaults(p)  # so that a --config file never overrides a flag given on the command line
+    from .config_file import RecordingParser
+    p.__class__ = RecordingParser  # keeps its argv: a --config file must never override a given flag
     p.set_defaults(func=_cmd_train, train_parser=p)
 
     e = sub.add_parser("eval", help="top-1 / top-5 and loss of a checkpoint",
@@ -168,18 +168,18 @@ def add_parser(sub: argparse._SubParsersAction):
 def _resolve_args(args) -> argparse.Namespace:
     """The options as they apply: flags given on the command line, then the ``--config`` file's
     values, then the defaults (``model_kwargs`` / ``teacher_kwargs`` merged key by key)."""
-    from .config_file import explicit, load_config_file, plain
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
-    config = plain(values.get("config"))
-    if config and getattr(args, "train_parser", None) is not None:
-        from_file = load_config_file(config, args.train_parser)
-        for dest, value in from_file.items():
-            given = values.get(dest)
-            if dest in ("model_kwargs", "teacher_kwargs") and explicit(given) and given and value:
-                values[dest] = {**value, **parse_model_kwargs(given)}  # the command line's keys win
-            elif not explicit(given):
+    from .config_file import given_dests, load_config_file
+    skip = ("func", "train_parser", "given_argv")
+    values = {k: v for k, v in vars(args).items() if k not in skip}
+    parser = getattr(args, "train_parser", None)
+    if values.get("config") and parser is not None:
+        given = given_dests(parser, getattr(args, "given_argv", []))
+        for dest, value in load_config_file(values["config"], parser).items():
+            if dest not in given:
                 values[dest] = value
-    return argparse.Namespace(**{k: plain(v) for k, v in values.items()})
+            elif dest in ("model_kwargs", "teacher_kwargs") and value:  # the command line's keys win
+                values[dest] = {**value, **parse_model_kwargs(values[dest])}
+    return argparse.Namespace(**values)
 
 
 def config_from_args(args):

@@ -7,8 +7,9 @@ given on the command line override the file (``model_kwargs`` key by key). A run
 resolved config (learning rates scaled, every default filled in) as ``OUTPUT/config.yaml``, which
 this command takes back as it is. Unknown keys and values of the wrong type are a one-line error.
 
-As timm's ``train.py`` does, the file's values become the parser's defaults; we also record which
-flags the command line really gave, so that a file's value is never taken over a given flag.
+The file's values take the place of the defaults (as in timm's ``train.py``), and only of them: the
+flags the command line gave are found by parsing it again with the defaults suppressed, so a given
+flag wins even when it equals its default.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import argparse
 import difflib
 import os
 
-__all__ = ["Default", "mark_defaults", "explicit", "load_config_file", "dump_config", "RECIPES_DIR"]
+__all__ = ["RecordingParser", "given_dests", "load_config_file", "dump_config", "RECIPES_DIR"]
 
 # recipes/ at the root of a source checkout
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -28,33 +29,32 @@ def _usage_error(msg: str):
     return UsageError(msg)
 
 
-class Default:
-    """A parser default, marked so that a value the command line did not give can be told apart
-    from one it gave (even when equal). ``str()`` is the value's, for ``--help``."""
+class RecordingParser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps the arguments it parsed (``namespace.given_argv``), so that the
+    flags the command line really gave can be told from defaults (:func:`given_dests`)."""
 
-    def __init__(self, value):
-        self.value = value
-
-    def __str__(self):
-        return str(self.value)
-
-    __repr__ = __str__
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+        ns, extras = super().parse_known_args(args, namespace)
+        ns.given_argv = list(sys.argv[1:] if args is None else args)
+        return ns, extras
 
 
-def mark_defaults(parser: argparse.ArgumentParser, skip=("help",)):
-    """Wrap every option's default in :class:`Default`."""
-    for action in parser._actions:
-        if action.dest not in skip and action.default is not argparse.SUPPRESS \
-                and not isinstance(action.default, Default):
-            action.default = Default(action.default)
-
-
-def explicit(value) -> bool:
-    return not isinstance(value, Default)
-
-
-def plain(value):
-    return value.value if isinstance(value, Default) else value
+def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options ``argv`` gives explicitly (even when equal to their default): ``argv`` parsed
+    again with every default suppressed."""
+    saved = [(a, a.default) for a in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        ns, _ = argparse.ArgumentParser.parse_known_args(parser, list(argv), argparse.Namespace())
+    finally:
+        for a, d in saved:
+            a.default = d
+        parser._defaults.update(saved_defaults)
+    return set(vars(ns))
 
 
 def _aliases(parser: argparse.ArgumentParser) -> dict:

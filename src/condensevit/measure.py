@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import resource
 import threading
 import time
@@ -97,49 +96,44 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _rss_bytes() -> int | None:
+def _statm() -> list[int] | None:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+            return [int(v) * os.sysconf("SC_PAGE_SIZE") for v in f.read().split()]
+    except (OSError, ValueError):
         return None
 
 
-def _hwm_bytes() -> int | None:
-    """This process's peak resident memory (VmHWM) since start or since the last :func:`_reset_hwm`."""
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.M)
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (anonymous and file-backed pages)."""
+    m = _statm()
+    return m[1] if m else None
 
 
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs``); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _hwm_bytes() is not None
+def _anon_bytes() -> int | None:
+    """Resident memory of this process that is not file-backed (heap: tensors): RSS minus shared.
+    File-backed pages (the mapped libraries) come and go with the machine's memory pressure, so a
+    model's memory is read from this."""
+    m = _statm()
+    return m[1] - m[2] if m else None
 
 
 class _PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every few ms)."""
+    """Peak of ``read()`` (default: the process's RSS) while the block runs, sampled every few ms."""
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self, interval: float = 0.002, read=_rss_bytes):
         self.interval = interval
+        self.read = read
         self.peak = 0
         self._stop = threading.Event()
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() or 0)
+            self.peak = max(self.peak, self.read() or 0)
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.peak = _rss_bytes() or 0
+        self.peak = self.read() or 0
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -147,60 +141,58 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes() or 0)
-        if self.peak == 0:  # no /proc: fall back to the process's lifetime peak
+        self.peak = max(self.peak, self.read() or 0)
+        if self.peak == 0 and self.read is _rss_bytes:  # no /proc: the process's lifetime peak
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class OwnPeakMemory:
     """The peak memory one model adds to its own process, in bytes.
 
-    Create it before the model is built (``base``: the process's RSS then); call :meth:`start` once
-    the model is built (transients of building and of GMACs counting are left out); wrap the timed
-    runs in :meth:`track`; read :meth:`peak_bytes`.
+    Create it before the model is built (``base``: the process's memory then); call :meth:`start`
+    once the model is built; wrap the timed runs in :meth:`track`; read :meth:`peak_bytes`.
 
     * CUDA: ``torch.cuda.max_memory_allocated`` since :meth:`start` (weights, gradients, optimizer
       state and activations: everything this process allocated, which is this model's when the
       process holds one model). The CUDA context and the caching allocator's slack are not counted.
-    * CPU: peak RSS since :meth:`start` minus ``base``: what the model's weights and its runs add
-      to the process. Exact where Linux lets the peak be reset (``/proc/self/clear_refs``, VmHWM);
-      elsewhere RSS sampled every 2 ms during :meth:`track` (a short spike may be missed).
+    * CPU: the peak, during :meth:`track`, of the process's anonymous resident memory (RSS minus
+      file-backed pages: tensors, not the mapped libraries, whose pages come and go with the
+      machine's memory pressure) minus the same before the model was built: what the model's
+      weights and its runs add. Sampled every 2 ms (and at the start and end of each block), so a
+      spike shorter than that can be missed; a training or inference step holds its activations
+      far longer.
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.base = 0 if self.device.type == "cuda" else (_rss_bytes() or 0)
-        self._exact = False
+        self.base = 0 if self.device.type == "cuda" else (_anon_bytes() or 0)
         self._sampled = 0
 
     @property
     def method(self) -> str:
         if self.device.type == "cuda":
             return "CUDA peak allocated (torch.cuda.max_memory_allocated) in the model's own process"
-        how = "VmHWM, reset after building" if self._exact else "sampled every 2 ms"
-        return f"peak resident memory of the model's own process above its RSS before the model was built ({how})"
+        return ("peak anonymous resident memory (RSS less file-backed pages, sampled every 2 ms) of the model's "
+                "own process above the same before the model was built")
 
     def start(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._exact = _reset_hwm()
 
     @contextmanager
     def track(self):
-        if self.device.type == "cuda" or self._exact:
+        if self.device.type == "cuda":
             yield
             return
-        with _PeakRSS() as rss:
+        with _PeakRSS(read=_anon_bytes) as sampler:
             yield
-        self._sampled = max(self._sampled, rss.peak)
+        self._sampled = max(self._sampled, sampler.peak)
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        peak = (_hwm_bytes() or 0) if self._exact else self._sampled
-        return max(0, peak - self.base)
+        return max(0, self._sampled - self.base)
 
 
 @dataclass

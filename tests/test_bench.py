@@ -29,6 +29,8 @@ def test_train_mode_reports_each_models_own_peak_memory(tmp_path, capsys):
     assert wide["memory_ratio"] == pytest.approx(wide["peak_memory_mb"] / small["peak_memory_mb"])
     assert all(r["latency_ms"] != r["latency_ms"] for r in data["rows"])  # no latency in train mode
     assert len(small["rounds"]) == 2
+    assert wide["round_speedups"] == pytest.approx([w / s for w, s in zip(wide["rounds"], small["rounds"])])
+    assert wide["speedup_paired"] == pytest.approx(sum(wide["round_speedups"]) / 2)
 
 
 def test_inference_mode_peak_memory_holds_the_weights():

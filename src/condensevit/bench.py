@@ -350,6 +350,9 @@ def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, co
         )
         base = base or row
         row["speedup"] = row["images_per_s"] / base["images_per_s"]
+        # each round's ratio to the baseline's run in the same round (back to back: drift largely cancels)
+        row["round_speedups"] = [x / b for x, b in zip(row["rounds"], base["rounds"])]
+        row["speedup_paired"] = _middle(row["round_speedups"])
         row["gmacs_ratio"] = row["gmacs"] / base["gmacs"] if base["gmacs"] else float("nan")
         row["memory_ratio"] = row["peak_memory_mb"] / base["peak_memory_mb"] \
             if base["peak_memory_mb"] and base["peak_memory_mb"] == base["peak_memory_mb"] else float("nan")
@@ -374,13 +377,16 @@ def format_table(result: dict) -> str:
             f"{'  gpu: ' + env['gpu'] if 'gpu' in env else ''} | torch {env['torch']} | device {env['device']}"
             f" | {mode} | batch {env['batch_size']} | {amp} | compile {env['compile']}")
     ips = "train img/s" if mode == "train" else "img/s"
-    cols = ["model", "params (M)", "GMACs", ips, "speed-up", "GMACs ratio", "latency b1 (ms)", "peak mem (MiB)",
-            "mem ratio"]
+    cols = ["model", "params (M)", "GMACs", ips, "speed-up", "paired", "GMACs ratio", "latency b1 (ms)",
+            "peak mem (MiB)", "mem ratio"]
     lines = []
     for r in result["rows"]:
         mem, ratio = r["peak_memory_mb"], r.get("memory_ratio", float("nan"))
-        lines.append([r["model"], f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}", f"{r['images_per_s']:.1f}",
-                      f"{r['speedup']:.2f}x", f"{r['gmacs_ratio']:.3f}", _fmt_latency(r["latency_ms"]),
+        paired = r.get("speedup_paired")
+        ips_v = r["images_per_s"]
+        lines.append([r["model"], f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}",
+                      f"{ips_v:.1f}" if ips_v >= 10 else f"{ips_v:.3f}", f"{r['speedup']:.2f}x",
+                      "-" if paired is None else f"{paired:.2f}x", f"{r['gmacs_ratio']:.3f}", _fmt_latency(r["latency_ms"]),
                       "-" if mem != mem else f"{mem:.0f}", "-" if ratio != ratio else f"{ratio:.2f}x"])
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
@@ -388,7 +394,8 @@ def format_table(result: dict) -> str:
     what = ("train img/s: images per second through forward + loss + backward + AdamW step"
             if mode == "train" else "img/s: inference images per second")
     out.append(f"{what}, {env.get('images_per_s', 'median over rounds')}; speed-up, GMACs and memory ratios "
-               "are against the first model; GMACs = forward multiply-accumulates per image.")
+               "are against the first model (paired: the median of each round's ratio to the baseline's run in the "
+               "same round); GMACs = forward multiply-accumulates per image.")
     if "peak_memory" in env:
         out.append(f"peak mem: {env['peak_memory']}.")
     return "\n".join(out)

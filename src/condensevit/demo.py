@@ -179,7 +179,7 @@ def _plot(rows: list[dict], path: str):
         ax.annotate(f"{r['short']} ({r['speedup']:.2f}x speed)", (x, r["top1"]), fontsize=8,
                     xytext=(7, 4), textcoords="offset points")
     ax.set_xlabel("MMACs per image (64x64)")
-    ax.set_ylabel("validation top-1 (%)" + (f": mean +- std over {seeds} seeds" if seeds > 1 else ""))
+    ax.set_ylabel("validation top-1 (%)" + (f": mean ± std over {seeds} seeds" if seeds > 1 else ""))
     ax.set_title("digits: accuracy against cost" + (f" ({seeds} seeds; dots: each seed)" if seeds > 1 else ""),
                  fontsize=10)
     ax.grid(alpha=0.3)

@@ -459,7 +459,7 @@ def _cost_formula(N, M, D, r, depth, pool, patch_in=3 * 16 * 16, classes=1000):
                block    12MD² + 2M²D                       (qkv 3, proj 1, MLP 8)
                scatter  MD² (values) + NMD (probs @ v) + ND² (out proj)     (logits shared: 0)
                lookup   2rND²                              (MLP)
-             = (3 + 2r)·N·D² + 15·M·D² + 3·N·M·D + 2·M²·D   (DESIGN.md's formula, exactly)
+             = (3 + 2r)·N·D² + 15·M·D² + 3·N·M·D + 2·M²·D   (docs/models.md's formula, exactly)
     plus the patch embedding N·D·(3·16·16) and the classifier D·classes; with pool='compressed'
     the last layer skips scatter + lookup MLP: minus (1 + 2r)·N·D² + M·D² + N·M·D."""
     layer = (3 + 2 * r) * N * D * D + 15 * M * D * D + 3 * N * M * D + 2 * M * M * D

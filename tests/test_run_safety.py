@@ -224,3 +224,9 @@ def test_run_files_are_created_with_the_users_umask(tmp_path):
              "summary.json", "log.jsonl"]
     modes = {n: stat.S_IMODE(os.stat(out / n).st_mode) for n in names}
     assert modes == {n: 0o640 for n in names}
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_and_no_lock(tmp_path, capsys):
+    assert run(tmp_path / "a" / "b" / "run", "--data", str(tmp_path / "missing"), epochs=1, steps=1) == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

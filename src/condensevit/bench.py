@@ -99,14 +99,15 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
         size_kw["num_frames"] = input_shape[1]
     if input_shape[0] != default_shape[0]:
         size_kw["in_chans"] = input_shape[0]
+    errors = []  # why the fuller attempts failed: a size the model refuses beats a later symptom
     for kw in (size_kw, {k: v for k, v in size_kw.items() if k != "num_frames"}, {}):
         try:
             model = timm.create_model(name, pretrained=False, **{**kwargs, **kw})
             break
         except (TypeError, ValueError, AssertionError) as e:
-            err = e
+            errors.append(e)
     else:
-        raise _usage_error(f"{name} cannot take input size {input_shape}: {err}")
+        raise _usage_error(f"{name} cannot take input size {input_shape}: {_first_line(_cause(errors))}")
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None:
         patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
@@ -117,8 +118,9 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001  (any failure means the size does not fit)
+        # built without the size (a fallback): the reason the model refused the size is the real one
         raise _usage_error(f"{name} cannot take input size {tuple(input_shape)}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+                           f"{_first_line(_cause(errors) if errors else e)}") from e
     return model, tuple(input_shape)
 
 
@@ -282,6 +284,17 @@ def _middle(values: list[float]) -> float:
     v = sorted(values)
     n = len(v)
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _cause(errors: list) -> BaseException:
+    """The first error that is about the values (not an unknown keyword, which only says the model
+    takes no such argument)."""
+    return next((e for e in errors if not isinstance(e, TypeError)), errors[0])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, compile=False,
@@ -497,8 +510,10 @@ def _cmd_models(args) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction):
+    from .cli import HelpFormatter
     p = sub.add_parser(
         "bench", help="throughput, latency, memory and GMACs of models against a baseline",
+        formatter_class=HelpFormatter,
         description="Measure models in alternating rounds, each model in its own process (so its peak memory "
                     "is its own). The first model is the baseline. A model may carry arguments: "
                     "NAME[key=value,...], e.g. lookupvit_base_patch16_224[compressed_grid=3x3]. "
@@ -508,18 +523,18 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="inference: eval forward passes; train: forward + loss + backward + optimizer step")
     p.add_argument("--input-size", default=None,
                    help="C,H,W (or C,T,H,W for video, or a single size); default: each model's own")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=32, help="images per timed batch")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--amp", action="store_true", help="autocast (default dtype: float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype with --amp")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed batches before the first round (1 before each later round)")
     p.add_argument("--iters", type=int, default=5, help="timed batches per run")
     p.add_argument("--rounds", type=int, default=2,
-                   help="alternating runs per model; the median is reported (the mean of the middle two for an "
-                        "even count)")
+                   help="timed runs per model, the models taking turns; images/s is the median of the rounds (with "
+                        "an even number, the mean of the middle two)")
     p.add_argument("--min-time", type=float, default=0.0,
                    help="seconds: repeat the timed batches of a run until at least this long (fast GPUs)")
     p.add_argument("--in-process", action="store_true",
@@ -530,8 +545,9 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
 
-    q = sub.add_parser("models", help="the models of this library, with parameters and GMACs")
+    q = sub.add_parser("models", help="the models of this library, with parameters and GMACs",
+                       formatter_class=HelpFormatter)
     q.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'stvit*'")
     q.add_argument("--no-gmacs", action="store_true", help="skip counting GMACs (faster)")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress display")
     q.set_defaults(func=_cmd_models)

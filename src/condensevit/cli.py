@@ -2,8 +2,10 @@
 
 Each subcommand module exposes ``add_parser(subparsers)`` that registers its parser with
 ``set_defaults(func=handler)``; the handler takes the parsed namespace and returns an exit code.
-User errors (``UsageError``, ``ValueError``, ``FileNotFoundError``) become a one-line message and
-exit code 2, without a traceback; set ``CONDENSEVIT_DEBUG=1`` to see the traceback instead.
+User errors (``UsageError``, ``ValueError``, ``FileNotFoundError``, files that cannot be written or a
+full disk) become a one-line message and exit code 2, without a traceback (an error raised in a data
+loader worker shows its own message, naming the file); set ``CONDENSEVIT_DEBUG=1`` to see the
+traceback instead.
 """
 from __future__ import annotations
 
@@ -12,11 +14,24 @@ import importlib
 import os
 import sys
 
-__all__ = ["main", "UsageError"]
+__all__ = ["main", "UsageError", "HelpFormatter"]
 
 
 class UsageError(ValueError):
     """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows an option's default once: appended when the help text does not already
+    say it, and only for a real value (not for None, whose meaning the help text gives, nor for
+    on/off flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 # (module, attribute) of each subcommand's add_parser; modules are imported lazily

@@ -390,8 +390,9 @@ def _cmd_demo(args) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction):
+    from .cli import HelpFormatter
     p = sub.add_parser(
-        "demo", help="train a baseline, an STViT and a LookupViT on the embedded digits and report",
+        "demo", formatter_class=HelpFormatter, help="train a baseline, an STViT and a LookupViT on the embedded digits and report",
         description="Train a DeiT-style baseline, an STViT and a LookupViT with one recipe on the embedded "
                     "digits, measure their GMACs and speed, draw their token maps, and write OUT/report.md. "
                     "About ten minutes on a 2-core CPU per seed. Running it again with the same --out reuses "

@@ -34,7 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .folder import IMG_EXTENSIONS, find_classes
+from .folder import IMG_EXTENSIONS, find_classes, to_rgb
 
 __all__ = [
     "ClipFolder", "MovingDigits", "sample_indices", "read_video", "video_backends", "load_clip", "normalise_clip",
@@ -127,7 +127,7 @@ def read_video(path: str) -> Tensor:
     try:
         if path.lower().endswith(".gif"):
             with Image.open(path) as im:
-                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+                frames = [np.asarray(to_rgb(f)) for f in ImageSequence.Iterator(im)]
             return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
         backends = video_backends()
         if not backends:
@@ -170,7 +170,7 @@ def _read_frame_files(clip: str, paths: Sequence[str]) -> Tensor:
     for p in paths:
         try:
             with Image.open(p) as im:
-                frames.append(np.asarray(im.convert("RGB")))
+                frames.append(np.asarray(to_rgb(im)))
         except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
             raise ValueError(f"unreadable frame {p!r} in clip {clip!r} ({type(e).__name__}: {str(e)[:120]}); "
                              "replace or remove it (or the clip)") from e

@@ -75,18 +75,26 @@ def create_model(name: str, *, num_classes: int, model_kwargs: dict | None = Non
             raise _usage_error(f"model kwarg {reserved!r} is set by condensevit itself; leave it out")
     extra = {}
     state_dict = None
+    what = ""
     if pretrained_file:
         state_dict = read_checkpoint(pretrained_file)  # clear errors for missing / truncated files
+        recorded = recorded_model(pretrained_file)
+        if recorded:
+            _check_source_family(name, recorded, pretrained_file)
+            what = f" (a {recorded} checkpoint, from its metadata)"
         extra = dict(pretrained=True, pretrained_cfg_overlay=dict(state_dict=dict(state_dict)))
     try:
         model = timm.create_model(name, num_classes=num_classes, **extra, **kwargs)
     except CheckpointError as e:
-        raise CheckpointError(f"pretrained file {pretrained_file!r}: {e}") from e
+        raise CheckpointError(f"pretrained file {pretrained_file!r}{what}: {e}") from e
     except (TypeError, ValueError, AssertionError) as e:
+        if pretrained_file and what:  # a filter that could not read it; the file says what it is
+            raise CheckpointError(f"pretrained file {pretrained_file!r}{what} does not fit {name}: "
+                                  f"{first_line(e)}") from e
         raise _usage_error(f"cannot build {name} with {kwargs}: {first_line(e)}") from e
     except RuntimeError as e:
         if pretrained_file:
-            raise CheckpointError(f"pretrained file {pretrained_file!r} does not fit {name} {kwargs}: "
+            raise CheckpointError(f"pretrained file {pretrained_file!r}{what} does not fit {name} {kwargs}: "
                                   f"{first_line(e)}") from e
         raise
     if state_dict is not None and not type(model).__module__.startswith("condensevit"):
@@ -99,6 +107,62 @@ def create_model(name: str, *, num_classes: int, model_kwargs: dict | None = Non
                 f"pretrained file {pretrained_file!r} does not fit {name}: only {fits} of its {len(own)} "
                 "tensors are found with the right shape; is it a checkpoint of this model and size?")
     return model
+
+
+def recorded_model(path: str) -> str | None:
+    """The model a condensevit weights file records in its metadata (safetensors header), or None
+    for any other file."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    try:
+        import json
+
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "condensevit":
+            return None
+        model = meta.get("model")
+        return json.loads(model) if model and model.startswith('"') else model
+    except Exception:  # noqa: BLE001  (unreadable headers are read_checkpoint's to report)
+        return None
+
+
+_FAMILY_SOURCES = {
+    "STViT": "DeiT / ViT checkpoints or STViT ones",
+    "LookupViT": "ViT / DeiT checkpoints or LookupViT ones",
+    "STViT-R": "STViT-R checkpoints (the authors' release, huggingface.co/csncsn/STViT-R, or ours)",
+    "ViT": "ViT / DeiT checkpoints",
+}
+
+
+def checkpoint_family(name: str) -> str | None:
+    """The family whose weights a model holds, as far as converting checkpoints goes: STViT,
+    STViT-R, LookupViT, ViT (timm's ViT / DeiT and our video baseline), or None (any other)."""
+    if name.startswith("stvit_r"):
+        return "STViT-R"
+    if name.startswith("stvit_"):
+        return "STViT"
+    if name.startswith("lookupvit"):
+        return "LookupViT"
+    import timm
+    if name.startswith("vit_video") or timm.models.is_model_in_modules(name, ["vision_transformer", "deit"]):
+        return "ViT"
+    return None
+
+
+def _check_source_family(name: str, recorded: str, path: str):
+    """A clear error, from the file's metadata, when a checkpoint of another family is given as
+    the pretrained file (the family's converter would fail on some tensor with a reason that does
+    not say so)."""
+    from ._builder import CheckpointError
+
+    target, source = checkpoint_family(name), checkpoint_family(recorded)
+    if target is None or source is None or source == target or (source == "ViT" and target in ("STViT", "LookupViT")):
+        return
+    raise CheckpointError(
+        f"pretrained file {path!r} holds a {recorded} ({source}, says its metadata), but {name} ({target}) "
+        f"initialises from {_FAMILY_SOURCES[target]}; give one of those, or train --model {recorded}")
 
 
 def model_input_size_for(model: nn.Module, kwargs: dict) -> tuple[int, ...]:

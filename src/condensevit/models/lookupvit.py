@@ -1,6 +1,7 @@
 """LookupViT: compressing visual information to a limited number of tokens (Koner et al., ECCV 2024).
 
-No code from the authors; the block follows ``DESIGN.md`` ("LookupViT"). Two token streams:
+No code from the authors; the block is our reading of the paper, set out with every choice in
+docs/models.md ("LookupViT"). Two token streams:
 
 * **lookup tokens** — the full patch grid (N = H_p x W_p tokens). They only get cheap layers: the
   scatter (cross-attention from the compressed tokens) and an MLP of reduced width.

@@ -1,8 +1,8 @@
 """STViT, global form, on DeiT.
 
 "Making Vision Transformers Efficient from A Token Sparsification View" (Chang et al., CVPR 2023).
-The authors released only the Swin-based STViT-R; this global form follows the structure given in
-``DESIGN.md`` (section "STViT, global form (on DeiT)"). For the default 12-layer model:
+The authors released only the Swin-based STViT-R; this global form follows the paper's description,
+set out with every choice in docs/models.md ("STViT, global form"). For the default 12-layer model:
 
 1. patch embedding and learned position embedding give the image tokens X (no class token);
 2. layers 1-4 (``blocks.0-3``): ordinary pre-norm ViT blocks on X;

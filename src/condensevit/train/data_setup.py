@@ -228,6 +228,9 @@ class EvalData:
             self._size, data_config = probe_video_input(name, kwargs, data)
             data_kwargs = dict(input_size=self._size, data_config=data_config)
         self.val_set = build_dataset(data, "val", strict=strict, **data_kwargs)
+        warning = skipped_warning("eval", (self.val_set,), self.video)  # as train says it
+        if warning and dist.is_main:
+            print(warning, file=sys.stderr, flush=True)
         return self
 
     def fit_to(self, net: nn.Module, *, batch_size: int, workers: int | None):
@@ -240,9 +243,6 @@ class EvalData:
             if tuple(self.input_size) != tuple(self._size):  # not expected: the probe is the model
                 self.val_set = build_dataset(data, "val", strict=self.strict, input_size=self.input_size,
                                              data_config=resolve_data_config({}, model=net))
-            warning = skipped_warning("eval", (self.val_set,), True)
-            if warning and dist.is_main:
-                print(warning, file=sys.stderr)
         else:
             self.val_set.transform = build_transform(data, False, self.input_size,
                                                      data_config=resolve_data_config({}, model=net))

@@ -68,7 +68,7 @@ class RunState:
         self.output = output
         self.resume_path = resume_path
         self.lock: RunLock | None = None
-        self.created_output = False
+        self.created_output: list[str] = []  # folders this run created (removed again if it writes nothing)
         self.complete: dict | None = None  # the summary of a run that had already finished
         self.time_before = 0.0  # training time of the sessions before this one (resumed runs)
         self.session_start = time.perf_counter()
@@ -101,7 +101,10 @@ class RunState:
         if dist.is_main:
             try:
                 check_output_dir(output, "--output")
-                self.created_output = not os.path.isdir(output)
+                folder = output
+                while not os.path.isdir(folder):
+                    self.created_output.append(folder)
+                    folder = os.path.dirname(folder)
                 os.makedirs(output, exist_ok=True)
                 self.lock = RunLock.acquire(output)
                 if self.lock.notice:
@@ -142,11 +145,11 @@ class RunState:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-            if self.created_output:
+            for folder in self.created_output:  # innermost first; only succeeds when empty
                 try:
-                    os.rmdir(self.output)  # only succeeds when empty
+                    os.rmdir(folder)
                 except OSError:
-                    pass
+                    break
 
     def attach(self, *, model: torch.nn.Module, optimizer, scheduler, scaler, ema, model_kwargs: dict,
                classes: list[str], input_size: tuple[int, ...]):
@@ -161,7 +164,7 @@ class RunState:
         cfg, dist = self.cfg, self.dist
         if dist.is_main:
             ckpt.remove_stale_temporaries(self.output)  # of writes a kill interrupted (we hold the lock)
-        self.created_output = False  # from here on the folder holds the run
+        self.created_output = []  # from here on the folder holds the run
         self.session_start = time.perf_counter()
         if self.resume_path:
             self._resume()

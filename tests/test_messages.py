@@ -88,5 +88,5 @@ def test_help_shows_each_default_once_and_truthfully():
     assert train["--no-measure"] == "skip GMACs and throughput in the summary"
     assert train["--device"] == "cpu, cuda or cuda:N (default: cuda when available, else cpu)"
     bench = _option_helps(parsers["bench"])
-    assert bench["--rounds"].endswith("images/s is the median of the rounds (with an even number, their mean) "
-                                      "(default: 2)")
+    assert bench["--rounds"].endswith("images/s is the median of the rounds (with an even number, the mean of the "
+                                      "middle two) (default: 2)")

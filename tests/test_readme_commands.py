@@ -68,6 +68,15 @@ def documented_commands():
     return out
 
 
+def _model_of(opts) -> str:
+    """The command's model: its --model, else the model of its --config file (a recipe)."""
+    if "--model" in opts:
+        return opts["--model"][0]
+    import yaml
+    with open(os.path.join(ROOT, opts["--config"][0])) as f:
+        return yaml.safe_load(f)["model"]
+
+
 def _options(argv):
     """argv -> (subcommand, {flag: [values]}) in order."""
     opts, flag = {}, None
@@ -134,6 +143,8 @@ def scale_down(argv, fam, files, out):
                  "--batch-size": ["4"], "--output": [str(out)], "--device": ["cpu"],
                  "--max-steps-per-epoch": ["2"], "--limit-val-batches": ["1"]})
     opts.pop("--eval-batch-size", None)
+    if "--config" in opts:  # a recipe: every other setting as the file has it
+        opts["--config"] = [os.path.join(ROOT, opts["--config"][0])]
     if "--pretrained-file" in opts:
         opts["--pretrained-file"] = [files["pretrained"][fam]]
     if "--teacher" in opts:
@@ -165,12 +176,12 @@ def test_every_documented_training_command_runs_scaled_down_for_every_family(fil
     for i, (doc, argv, _) in enumerate(trains):
         _, opts = _options(argv)
         video = (opts.get("--data") or ["digits"])[0].startswith("moving_digits") or \
-            family_of(opts["--model"][0]) in VIDEO
+            family_of(_model_of(opts)) in VIDEO
         for fam in (VIDEO if video else [f for f in FAMILIES if f not in VIDEO]):
             out = tmp_path / f"cmd{i}_{fam}"
             jobs.append(dict(id=f"{doc} #{i} {fam}", argv=scale_down(argv, fam, files, out), fam=fam))
         if "--output" in opts:  # the eval / viz commands read it: the run of the command's own family
-            fam = family_of(opts["--model"][0])
+            fam = family_of(_model_of(opts))
             by_output[opts["--output"][0]] = (tmp_path / f"cmd{i}_{fam}", f"{doc} #{i} {fam}")
     # a folder in use by another training (rank 0 holds its lock): every rank stops at once
     locked = dict(jobs[0], id="locked", lock_output=True, argv=[a if a != str(jobs[0]["argv"][

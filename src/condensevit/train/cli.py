@@ -23,6 +23,8 @@ def parse_model_kwargs(items) -> dict:
 
     if not items:
         return {}
+    if isinstance(items, dict):  # from a --config file
+        return dict(items)
     if isinstance(items, str):
         items = [items]
     text = " ".join(items).strip()
@@ -53,6 +55,14 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "0") else float(text)
 
 
+def _on_off(p: argparse.ArgumentParser, flag: str, help: str, default: bool = False):
+    """``--flag`` / ``--no-flag`` (so that a --config file's true can be turned off), without the
+    "(default: False)" argparse's BooleanOptionalAction appends to the help."""
+    action = p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+    action.help = help
+    return action
+
+
 def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--model", help="any registered model, ours or timm's (see `condensevit models`)")
     p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", default=None,
@@ -65,7 +75,7 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, default=None,
                    help="data loading processes (default: 0 on CPU, up to 8 per process on GPU)")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    _on_off(p, "--amp", "mixed precision (float16 on CUDA, bfloat16 on CPU)")
 
 
 def add_parser(sub: argparse._SubParsersAction):
@@ -78,13 +88,24 @@ def add_parser(sub: argparse._SubParsersAction):
                                    "tree or clips; launch with torchrun for several processes. Writes OUTPUT/"
                                    "{last,best}.safetensors, last.state.pth, log.jsonl, summary.json.",
                        formatter_class=HelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="options from a YAML file (keys: these options' names, e.g. batch_size: 128); flags "
+                        "given here override it; recipes/ holds the papers' ImageNet recipes")
     _add_common(p)
     p.add_argument("--output", default=None, help="run folder (default: runs/MODEL)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
+    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
+                   help="gradient accumulation: micro-batches of --batch-size per optimizer update")
     p.add_argument("--eval-batch-size", type=int, default=None, help="validation batch (default: 2 x --batch-size)")
     p.add_argument("--opt", default=d.opt, help="timm optimizer name")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr-base", type=float, default=None,
+                   help="set: lr = LR_BASE x global batch / --lr-base-size, the global batch being batch size x "
+                        "accum steps x processes (DeiT: 5e-4 per 512)")
+    p.add_argument("--lr-base-size", type=int, default=d.lr_base_size, help="images --lr-base is given for")
+    p.add_argument("--warmup-lr-base", type=float, default=None, help="set: --warmup-lr scaled as --lr-base")
+    p.add_argument("--min-lr-base", type=float, default=None, help="set: --min-lr scaled as --lr-base")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
     p.add_argument("--sched", default=d.sched, help="timm scheduler name, stepped per update")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear warm-up from --warmup-lr")
@@ -106,7 +127,14 @@ def add_parser(sub: argparse._SubParsersAction):
                    "(default: 0.6,1.0 for digits, 0.08,1.0 else)")
     p.add_argument("--color-jitter", type=float, default=None, help="colour jitter (default: 0 for digits, 0.3 else)")
     p.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
-    p.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
+    p.add_argument("--remode", default=d.remode, choices=("pixel", "rand", "const"), help="random erasing fill")
+    p.add_argument("--recount", type=int, default=d.recount, help="random erasing boxes per image")
+    _on_off(p, "--repeated-aug", "DeiT's repeated augmentation (timm's RepeatAugSampler)", d.repeated_aug)
+    p.add_argument("--repeated-aug-repeats", type=int, default=d.repeated_aug_repeats,
+                   help="copies of each image per epoch with --repeated-aug")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth rate (the model's drop_path_rate; default: the model's own)")
+    _on_off(p, "--model-ema", "keep an exponential moving average of the weights")
     p.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay, help="EMA decay (reached after warm-up)")
     p.add_argument("--amp-dtype", default=d.amp_dtype, choices=("float16", "bfloat16"), help="--amp type on CUDA")
     p.add_argument("--teacher", default=None, help="teacher model name for knowledge distillation")
@@ -133,7 +161,7 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="skip GMACs and throughput in the summary")
     p.add_argument("--throughput-batch-size", type=int, default=None,
                    help="batch of the summary's throughput (default: 16 on CPU, 64 on GPU)")
-    p.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with unused branches")
+    _on_off(p, "--find-unused-parameters", "DDP option for models with unused branches")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                    help="no progress bar (default: one when stderr is a terminal)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -141,7 +169,9 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-weights-hash", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_train)
+    from .config_file import RecordingParser
+    p.__class__ = RecordingParser  # keeps its argv: a --config file must never override a given flag
+    p.set_defaults(func=_cmd_train, train_parser=p)
 
     e = sub.add_parser("eval", help="top-1 / top-5 and loss of a checkpoint",
                        description="Evaluate a checkpoint on the val split; --model-kwargs may change the "
@@ -158,19 +188,41 @@ def add_parser(sub: argparse._SubParsersAction):
     e.set_defaults(func=_cmd_eval)
 
 
+def _resolve_args(args) -> argparse.Namespace:
+    """The options as they apply: flags given on the command line, then the ``--config`` file's
+    values, then the defaults (``model_kwargs`` / ``teacher_kwargs`` merged key by key)."""
+    from .config_file import given_dests, load_config_file
+    skip = ("func", "train_parser", "given_argv")
+    values = {k: v for k, v in vars(args).items() if k not in skip}
+    parser = getattr(args, "train_parser", None)
+    if values.get("config") and parser is not None:
+        given = given_dests(parser, getattr(args, "given_argv", []))
+        for dest, value in load_config_file(values["config"], parser).items():
+            if dest not in given:
+                values[dest] = value
+            elif dest in ("model_kwargs", "teacher_kwargs") and value:  # the command line's keys win
+                values[dest] = {**value, **parse_model_kwargs(values[dest])}
+    return argparse.Namespace(**values)
+
+
 def config_from_args(args):
     from .engine import TrainConfig
     from ..cli import UsageError
+    args = _resolve_args(args)
     if not args.model:
-        raise UsageError("no model given; pass --model NAME (`condensevit models` lists ours)")
+        raise UsageError("no model given; pass --model NAME (`condensevit models` lists ours), or --config FILE")
     return TrainConfig(
         model=args.model, data=args.data, model_kwargs=parse_model_kwargs(args.model_kwargs), output=args.output,
-        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, opt=args.opt,
-        lr=args.lr, weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        accum_steps=args.accum_steps, opt=args.opt, lr=args.lr, lr_base=args.lr_base,
+        lr_base_size=args.lr_base_size, warmup_lr_base=args.warmup_lr_base, min_lr_base=args.min_lr_base,
+        weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
         smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, mixup_prob=args.mixup_prob,
         mixup_switch_prob=args.mixup_switch_prob, aa=args.aa, hflip=args.hflip, scale=args.scale,
-        color_jitter=args.color_jitter, reprob=args.reprob, model_ema=args.model_ema,
+        color_jitter=args.color_jitter, reprob=args.reprob, remode=args.remode, recount=args.recount,
+        repeated_aug=args.repeated_aug, repeated_aug_repeats=args.repeated_aug_repeats, drop_path=args.drop_path,
+        model_ema=args.model_ema,
         model_ema_decay=args.model_ema_decay, amp=args.amp, amp_dtype=args.amp_dtype, teacher=args.teacher,
         teacher_checkpoint=args.teacher_checkpoint, teacher_kwargs=parse_model_kwargs(args.teacher_kwargs),
         distillation_type=args.distillation_type, distillation_alpha=args.distillation_alpha,

@@ -19,9 +19,14 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64                 # per process
     eval_batch_size: int | None = None   # default: 2 x batch_size
+    accum_steps: int = 1                 # micro-batches per optimizer update (gradient accumulation)
     # optimisation (timm create_optimizer_v2 / create_scheduler_v2)
     opt: str = "adamw"
     lr: float = 1e-3
+    lr_base: float | None = None         # set: lr = lr_base * global batch / lr_base_size (DeiT, Swin)
+    lr_base_size: int = 512
+    warmup_lr_base: float | None = None  # set: warmup_lr scaled the same way (Swin's code; DeiT's does not)
+    min_lr_base: float | None = None     # set: min_lr scaled the same way (Swin's code; DeiT's does not)
     weight_decay: float = 0.05
     sched: str = "cosine"
     warmup_epochs: int = 2
@@ -40,6 +45,11 @@ class TrainConfig:
     scale: tuple[float, float] | None = None
     color_jitter: float | None = None
     reprob: float = 0.0
+    remode: str = "pixel"                # random erasing fill: pixel (DeiT, timm's train.py), rand or const
+    recount: int = 1
+    repeated_aug: bool = False           # DeiT's repeated augmentation (timm's RepeatAugSampler)
+    repeated_aug_repeats: int = 3
+    drop_path: float | None = None       # the model's drop_path_rate (stochastic depth); None: its own default
     model_ema: bool = False
     model_ema_decay: float = 0.999
     amp: bool = False                    # float16 + grad scaling on CUDA, bfloat16 on CPU
@@ -75,6 +85,21 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer update over all processes: batch_size x accum_steps x world_size."""
+        return self.batch_size * self.accum_steps * world_size
+
+    def resolved(self, world_size: int) -> "TrainConfig":
+        """The config as it runs: each rate given per ``lr_base_size`` images (``lr_base``,
+        ``warmup_lr_base``, ``min_lr_base``) scaled linearly by the global batch into ``lr``,
+        ``warmup_lr``, ``min_lr``: DeiT's rule (``lr = 5e-4 * batch / 512``; its warm-up and minimum
+        rates are not scaled) and that of Swin's and STViT-R's code (all three scaled). Resolving
+        again gives the same config."""
+        factor = self.global_batch(world_size) / self.lr_base_size
+        scaled = {name: base * factor for name, base in (("lr", self.lr_base), ("warmup_lr", self.warmup_lr_base),
+                                                          ("min_lr", self.min_lr_base)) if base is not None}
+        return dataclasses.replace(self, **scaled) if scaled else self
 
 
 @dataclass

@@ -170,7 +170,7 @@ class TrainData:
                 self.val_set = build_dataset(cfg.data, "val", strict=cfg.strict, **kw)
         else:
             augment = AugmentConfig(aa=cfg.aa, hflip=cfg.hflip, scale=cfg.scale, color_jitter=cfg.color_jitter,
-                                    re_prob=cfg.reprob)
+                                    re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
             self.train_set.transform = build_transform(cfg.data, True, self.input_size,
                                                        data_config=self.data_config, augment=augment)
             self.val_set.transform = build_transform(cfg.data, False, self.input_size, data_config=self.data_config,
@@ -178,18 +178,24 @@ class TrainData:
         self.train_data = SeededAugmentation(self.train_set, seed=cfg.seed)
 
         per_rank = len(self.train_set) // dist.world_size
-        if per_rank < cfg.batch_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} training images each "
-                             "process gets; lower it")
+        per_step = cfg.batch_size * cfg.accum_steps  # images of one optimizer update on one process
+        if per_rank < per_step:
+            what = f"--batch-size {cfg.batch_size}" + (f" x --accum-steps {cfg.accum_steps}" if cfg.accum_steps > 1 else "")
+            raise ValueError(f"{what} is larger than the {per_rank} training images each process gets; lower it")
         dev = dist.device
         self.workers = default_workers(cfg.workers, dev, dist.world_size)
-        self.sampler = ResumableDistributedSampler(len(self.train_set), num_replicas=dist.world_size,
-                                                   rank=dist.rank, shuffle=True, seed=cfg.seed)
+        if cfg.repeated_aug:
+            from .repeat_aug import RepeatAugmentSampler
+            self.sampler = RepeatAugmentSampler(len(self.train_set), num_replicas=dist.world_size, rank=dist.rank,
+                                                seed=cfg.seed, num_repeats=cfg.repeated_aug_repeats)
+        else:
+            self.sampler = ResumableDistributedSampler(len(self.train_set), num_replicas=dist.world_size,
+                                                       rank=dist.rank, shuffle=True, seed=cfg.seed)
         self.loader_gen = torch.Generator()
         self.train_loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=self.sampler,
                                        drop_last=True, generator=self.loader_gen,
                                        **loader_kwargs(self.workers, dev))
-        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        self.steps_per_epoch = len(self.sampler) // per_step  # optimizer updates
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         val_sampler = ShardedEvalSampler(len(self.val_set), num_replicas=dist.world_size, rank=dist.rank)
@@ -201,7 +207,7 @@ class TrainData:
         functions of (seed, epoch), so a resumed epoch sees the batches it would have."""
         cfg = self.cfg
         self.sampler.set_epoch(epoch)
-        self.sampler.set_start(step_in_epoch * cfg.batch_size)
+        self.sampler.set_start(step_in_epoch * cfg.batch_size * cfg.accum_steps)
         self.train_data.set_epoch(epoch)
         self.loader_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
 

@@ -71,6 +71,23 @@ def _check_config(cfg: TrainConfig):
                          "--teacher-checkpoint FILE")
     if cfg.teacher and cfg.distillation_type == "none":
         raise ValueError("--teacher was given but --distillation-type is none; pick soft or hard")
+    if cfg.accum_steps < 1:
+        raise ValueError(f"--accum-steps {cfg.accum_steps} must be at least 1")
+    for flag, value in (("--lr-base", cfg.lr_base), ("--warmup-lr-base", cfg.warmup_lr_base),
+                        ("--min-lr-base", cfg.min_lr_base)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} {value} must not be negative")
+    if cfg.lr_base_size < 1:
+        raise ValueError(f"--lr-base-size {cfg.lr_base_size} must be at least 1")
+    if cfg.repeated_aug_repeats < 1:
+        raise ValueError(f"--repeated-aug-repeats {cfg.repeated_aug_repeats} must be at least 1")
+    if cfg.drop_path is not None:
+        if not 0.0 <= cfg.drop_path < 1.0:
+            raise ValueError(f"--drop-path {cfg.drop_path} must be in [0, 1)")
+        if "drop_path_rate" in (cfg.model_kwargs or {}):
+            raise ValueError("--drop-path and --model-kwargs drop_path_rate both set the drop path rate; give one")
+    if cfg.remode not in ("pixel", "rand", "const"):
+        raise ValueError(f"--remode {cfg.remode!r} must be pixel, rand or const")
     check_model_name(cfg.model)
 
 
@@ -80,6 +97,8 @@ class _Run:
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self):
+        # the learning rates as they run (scaled by the global batch with --lr-base): what config.json records
+        self.cfg = self.cfg.resolved(self.dist.world_size)
         cfg, dist = self.cfg, self.dist
         _check_config(cfg)
         self.state = RunState.prepare(cfg, dist)
@@ -90,7 +109,10 @@ class _Run:
         self.data = TrainData.open(cfg, dist, self.model_kwargs)  # data first: the classes size the classifier
 
         seed_all(cfg.seed)  # the same initial weights on every rank
-        model = create_model(cfg.model, num_classes=self.data.num_classes, model_kwargs=self.model_kwargs,
+        build_kwargs = dict(self.model_kwargs)
+        if cfg.drop_path is not None:  # a training setting: not recorded with the weights' model kwargs
+            build_kwargs["drop_path_rate"] = cfg.drop_path
+        model = create_model(cfg.model, num_classes=self.data.num_classes, model_kwargs=build_kwargs,
                              pretrained_file=cfg.pretrained_file)
         self.data.fit_to(model)
         model.to(dist.device)
@@ -193,7 +215,7 @@ class _Run:
                     stop=stop, dist=dist, debug_nan_at_step=cfg.debug_nan_at_step,
                     debug_stop_at_step=cfg.debug_stop_at_step, save_fn=lambda: state.save(epoch, es),
                     save_every_steps=cfg.save_every_steps, progress=cfg.progress,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}", accum_steps=cfg.accum_steps)
                 if status == "stopped":
                     state.save(epoch, es)
                     interrupted = True
@@ -267,7 +289,8 @@ class _Run:
             summary = {k: v for k, v in result.as_dict().items() if k != "history"}
             summary.update(model=cfg.model, model_kwargs=self.model_kwargs, data=cfg.data,
                            num_classes=self.data.num_classes, input_size=list(input_size),
-                           world_size=dist.world_size, device=str(dist.device))
+                           world_size=dist.world_size, device=str(dist.device),
+                           global_batch=cfg.global_batch(dist.world_size), config=cfg.to_json())
             state.write_final(summary)
             log(cfg, dist, _format_summary(summary))
         return result

@@ -114,10 +114,15 @@ def train_one_epoch(*, model, loader, criterion, optimizer, scheduler, device, e
                     run_state: dict, amp_ctx=contextlib.nullcontext, scaler=None, mixup_fn=None,
                     clip_grad=None, clip_mode="norm", ema=None, log_interval=50, stop=None, dist: DistInfo,
                     debug_nan_at_step=None, debug_stop_at_step=None, save_fn=None, save_every_steps=None,
-                    progress=None, desc="") -> str:
+                    progress=None, desc="", accum_steps: int = 1) -> str:
     """Run the remaining steps of one epoch. Returns 'done' or 'stopped' (a stop was requested:
     SIGTERM, or the test hook); raises :class:`NonFiniteLossError`. ``es`` and ``run_state``
-    ('global_step') are updated in place."""
+    ('global_step') are updated in place.
+
+    A step is one optimizer update over ``accum_steps`` micro-batches (gradient accumulation: each
+    micro-batch's loss divided by ``accum_steps``; under DDP the gradients are all-reduced only on
+    the last one, ``no_sync`` before); clipping, the schedule and the EMA follow the updates, and a
+    stop or checkpoint happens only between updates."""
     from timm.utils import dispatch_clip_grad
 
     model.train()
@@ -160,22 +165,31 @@ def train_one_epoch(*, model, loader, criterion, optimizer, scheduler, device, e
     try:
         it = iter(loader)
         while es.step_in_epoch < steps:
-            x, y = next(it)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                x, y = mixup_fn(x, y)
-            with amp_ctx():
-                out = model(x)
-                loss = criterion(x, out, y)
             step = run_state["global_step"] + 1
-            if debug_nan_at_step is not None and step >= debug_nan_at_step:
-                loss = loss * float("nan")  # test hook: a diverging run
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=params)
-            else:
-                loss.backward()
+            for micro in range(accum_steps):
+                final = micro == accum_steps - 1
+                x, y = next(it)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                if mixup_fn is not None:
+                    x, y = mixup_fn(x, y)
+                # DDP all-reduces on the update's last micro-batch only
+                with (contextlib.nullcontext() if final or not dist.distributed else model.no_sync()):
+                    with amp_ctx():
+                        out = model(x)
+                        loss = criterion(x, out, y)
+                    if debug_nan_at_step is not None and step >= debug_nan_at_step:
+                        loss = loss * float("nan")  # test hook: a diverging run
+                    part = loss / accum_steps if accum_steps > 1 else loss
+                    if scaler is not None:
+                        scaler(part, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=params,
+                               need_update=final)
+                    else:
+                        part.backward()
+                loss_acc += loss.detach().double() * len(x)
+                acc_images += len(x)
+            if scaler is None:
                 if clip_grad is not None:
                     dispatch_clip_grad(params, clip_grad, mode=clip_mode)
                 optimizer.step()
@@ -183,8 +197,6 @@ def train_one_epoch(*, model, loader, criterion, optimizer, scheduler, device, e
             scheduler.step_update(num_updates=step)
             if ema is not None:
                 ema.update(unwrap(model), step=step)
-            loss_acc += loss.detach().double() * len(x)
-            acc_images += len(x)
             es.step_in_epoch += 1
             if bar is not None:
                 bar.update(1)

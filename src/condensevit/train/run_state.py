@@ -3,7 +3,8 @@ the log and the summary.
 
 A run folder holds ``last.safetensors`` + ``last.state.pth`` (the checkpoint pair, see
 :mod:`.checkpoint`), ``best.safetensors``, ``ema.safetensors`` (with ``--model-ema``),
-``config.json``, ``log.jsonl`` (one row per finished epoch), ``summary.json`` (at the end) and
+``config.json`` and ``config.yaml`` (the resolved config; ``train --config`` takes the latter),
+``log.jsonl`` (one row per finished epoch), ``summary.json`` (at the end) and
 ``tensorboard/`` (when tensorboard is installed). Only rank 0 writes; saving is collective (every
 rank's random-number states go into the checkpoint).
 
@@ -175,6 +176,8 @@ class RunState:
                 os.remove(os.path.join(self.output, "log.jsonl"))  # a fresh start: no rows of an older try
             ckpt.atomic_write(os.path.join(self.output, "config.json"),
                               lambda f: f.write(json.dumps(cfg.to_json(), indent=2).encode()))
+            from .config_file import dump_config  # the same, as a file `train --config` takes
+            ckpt.atomic_write(os.path.join(self.output, "config.yaml"), lambda f: f.write(dump_config(cfg).encode()))
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(os.path.join(self.output, "tensorboard"))

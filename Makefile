@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench compat install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+# timm's own generic model tests (tests/test_models.py of the installed timm's sdist) on our models
+compat: $(STAMP)
+	$(PY) compat/run_timm_tests.py
+
 bench: $(STAMP)
 	$(VENV)/bin/condensevit bench --models deit_small_patch16_224,stvit_deit_small_patch16_224,lookupvit_small_patch16_224 --batch-size 32
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache build/timm-compat

@@ -160,3 +160,93 @@ def test_cli_skips_unreadable_images_and_fails_on_them_with_strict(tmp_path, cap
     assert "skipped 1 unreadable image" in capsys.readouterr().err
     assert _train_cli(tmp_path / "strict", tmp_path / "d", "--strict") == 2
     assert "unreadable image" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ images that read badly
+
+def _png_bytes(arr) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _corrupt_png(arr) -> bytes:
+    """A PNG whose header and end are whole but whose pixel data is not: it passes the build-time
+    check and fails when decoded."""
+    data = bytearray(_png_bytes(arr))
+    start = data.index(b"IDAT") + 20
+    assert data.index(b"IEND") > start + 20
+    for i in range(start, start + 10):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+def _eval_checkpoint(path, classes):
+    import timm
+
+    from condensevit.train.checkpoint import save_weights
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=len(classes), **kw)
+    save_weights(str(path), model.state_dict(), dict(format="condensevit", model="deit_tiny_patch16_224",
+                                                     model_kwargs=kw, num_classes=len(classes), classes=list(classes)))
+    return str(path)
+
+
+def test_a_truncated_png_is_caught_when_the_set_is_built_with_its_name(tmp_path):
+    make_tree(tmp_path, per_class=2)
+    whole = _png_bytes(np.full((20, 20, 3), 99, np.uint8))
+    (tmp_path / "train" / "cat" / "cut.png").write_bytes(whole[:len(whole) - 30])  # the header passes, the end is gone
+    ds = build_dataset(str(tmp_path), "train")
+    assert ds.num_skipped == 1 and ds.skipped[0][0].endswith("cut.png") and "truncated PNG" in ds.skipped[0][1]
+    with pytest.raises(ValueError, match="cut.png.*truncated PNG"):
+        build_dataset(str(tmp_path), "train", strict=True)
+
+
+def test_an_image_that_fails_to_decode_mid_epoch_is_one_line_naming_it(tmp_path, capsys):
+    make_tree(tmp_path, per_class=2)
+    (tmp_path / "train" / "cat" / "bad.png").write_bytes(_corrupt_png(np.random.default_rng(1).integers(0, 255, (20, 20, 3), dtype=np.uint8)))
+    ds = build_dataset(str(tmp_path), "train")
+    assert ds.num_skipped == 0  # it passes the build-time check
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("bad.png")][0]
+    img, _ = ds[bad]  # replaced by the next readable image
+    assert img.size == (20, 20)
+    err = capsys.readouterr().err
+    assert err.startswith("condensevit: warning: skipping unreadable image") and "bad.png" in err
+    assert len(err.strip().splitlines()) == 1 and "UserWarning" not in err
+
+
+def test_strict_with_loader_workers_names_the_file_not_the_worker(tmp_path, capsys):
+    make_tree(tmp_path / "d", per_class=2, size=32)
+    (tmp_path / "d" / "val" / "dog" / "bad.png").write_bytes(_corrupt_png(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    ckpt = _eval_checkpoint(tmp_path / "w.safetensors", ("cat", "dog"))
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "d"), "--strict", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "unreadable image" in err and "bad.png" in err and "DataLoader worker" not in err
+
+
+def test_eval_warns_about_skipped_images_as_train_does(tmp_path, capsys):
+    make_tree(tmp_path / "d", per_class=2, size=32)
+    (tmp_path / "d" / "val" / "dog" / "broken.jpg").write_bytes(b"not an image")
+    ckpt = _eval_checkpoint(tmp_path / "w.safetensors", ("cat", "dog"))
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err
+    assert "condensevit eval: warning: skipped 1 unreadable image(s) (first:" in err and "broken.jpg" in err
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    from condensevit.data.folder import to_rgb
+    grey16 = np.full((8, 8), 32896, np.uint16)  # 50% grey in 16 bits
+    grey16[0, 0] = 65535
+    Image.fromarray(grey16).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (8, 8, 3) and rgb[1, 1].tolist() == [128, 128, 128] and rgb[0, 0].tolist() == [255] * 3
+    # through an ImageFolder tree, as training reads it
+    make_tree(tmp_path / "d", per_class=1)
+    Image.fromarray(grey16).save(tmp_path / "d" / "train" / "cat" / "0.png")
+    ds = build_dataset(str(tmp_path / "d"), "train")
+    img, _ = ds[[i for i, (p, _) in enumerate(ds.samples) if p.endswith(os.path.join("cat", "0.png"))][0]]
+    assert np.asarray(img)[1, 1].tolist() == [128, 128, 128]

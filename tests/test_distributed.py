@@ -32,4 +32,5 @@ def test_torchrun_two_cpu_processes_keep_the_same_weights_and_write_once(tmp_pat
     summary = json.load(open(out / "summary.json"))
     assert summary["world_size"] == 2
     assert sorted(f for f in os.listdir(out) if not f.startswith("tensorboard")) == [
-        "best.safetensors", "config.json", "last.safetensors", "last.state.pth", "log.jsonl", "summary.json"]
+        "best.safetensors", "config.json", "config.yaml", "last.safetensors", "last.state.pth", "log.jsonl",
+        "summary.json"]

@@ -133,3 +133,32 @@ def test_models_lists_the_library_models(capsys):
     assert main(["models", names[0], "--no-gmacs", "--quiet"]) == 0
     assert names[0] in capsys.readouterr().out
     assert main(["models", "no_such_model*", "--quiet"]) == 2
+
+
+def test_train_throughput_runs_forward_backward_and_optimizer_steps():
+    from condensevit.measure import train_throughput
+    m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                          num_classes=5)
+    before = m.head.weight.detach().clone()
+    r = train_throughput(m, (3, 16, 16), batch_size=4, warmup=1, iters=2)
+    assert r.mode == "train" and r.images_per_s > 0 and r.latency_ms != r.latency_ms  # NaN: no latency
+    assert m.training and not torch.equal(before, m.head.weight)  # the optimizer stepped
+    # a model without classifier (num_classes=0) still trains through a stand-in loss
+    m0 = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                           num_classes=0)
+    assert train_throughput(m0, (3, 16, 16), batch_size=2, warmup=0, iters=1).images_per_s > 0
+
+
+def test_own_peak_memory_counts_what_the_model_adds():
+    from condensevit.measure import OwnPeakMemory
+    import time
+    mem = OwnPeakMemory("cpu")
+    w = torch.ones(64, 2**18)  # 64 MiB of float32, "the weights"
+    mem.start()
+    with mem.track():
+        tmp = w * 2  # another 64 MiB at the peak, "the activations", held a while as a step holds them
+        time.sleep(0.1)
+        del tmp
+    peak = mem.peak_bytes() / 2**20
+    assert 120 < peak < 200, peak
+    assert "own process" in mem.method

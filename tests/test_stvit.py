@@ -86,7 +86,7 @@ def test_parameter_counts_are_deits_minus_class_token_plus_scorer_and_global_cen
 def test_gmacs_small_match_the_paper():
     m = timm.create_model(NAME)
     g = gmacs(m)
-    assert abs(g - 1.91) / 1.91 < 0.02          # paper: 1.91G; DESIGN.md's count: 1.906
+    assert abs(g - 1.91) / 1.91 < 0.02          # paper: 1.91G; our count of the layout: 1.906
     assert g == pytest.approx(1.908996, abs=2e-6)  # our exact count, pinned
 
 

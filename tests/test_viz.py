@@ -146,3 +146,70 @@ def test_viz_rebuilds_a_trained_image_model_from_its_checkpoint(tmp_path, capsys
             assert im.size == figure_size(n_kinds, 4)
     assert main(["viz", "--image", "sample:flower", "--out", str(tmp_path / "o.png")]) == 2
     assert "no model given" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ built-in images, input, figures
+
+def test_sample_digit_is_a_built_in_image(tmp_path, capsys):
+    from condensevit.data import DigitsDataset
+    from condensevit.viz import sample_image
+    digit = sample_image("sample:digit")
+    assert digit.shape == (64, 64, 3) and digit.dtype == np.uint8
+    assert np.array_equal(digit[..., 0], DigitsDataset("val").images[0])
+    assert np.array_equal(sample_image("sample:digits:5")[..., 1], DigitsDataset("val").images[5])
+    for bad in ("sample:digit:360", "sample:digit:x", "sample:nope"):
+        with pytest.raises(ValueError, match="sample:digit"):
+            sample_image(bad)
+    out = tmp_path / "d.png"
+    assert main(["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", "sample:digit:3", "--out", str(out),
+                 "--size", "64x64", "--model-kwargs", "embed_dim=32", "depth=6", "num_heads=2", "patch_size=8"]) == 0
+    assert out.exists()
+
+
+def test_16_bit_greyscale_images_are_drawn_grey_not_white(tmp_path):
+    grey16 = np.full((32, 32), 32896, np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g.png")
+    x, rgb = load_image(tmp_path / "g.png", (32, 32), (0.5,) * 3, (0.5,) * 3)
+    assert abs(int(rgb.mean()) - 128) <= 1
+    assert abs(float(x.mean())) < 0.02  # (128/255 - 0.5) / 0.5
+
+
+def test_the_photograph_keeps_its_aspect_ratio():
+    # a 100x200 (HxW) picture with a 50x50 white square in the middle: cropped to fit, never squashed
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[25:75, 75:125] = 255
+    _, rgb = load_image(img, (64, 64), (0.5,) * 3, (0.5,) * 3)
+    ys, xs = np.nonzero(rgb[..., 0] > 128)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert abs(h - w) <= 1 and abs(h - 32) <= 2
+
+
+def test_figures_have_colour_scales_and_titles_in_the_papers_terms(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from condensevit.viz import panel_title
+    bars = []
+    real = matplotlib.figure.Figure.colorbar
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar",
+                        lambda self, *a, **k: bars.append(k.get("orientation")) or real(self, *a, **k))
+    for name in ("stvit_deit_tiny_patch16_224", "lookupvit_tiny_patch16_224"):
+        model = timm.create_model(name, **SMALL[name])
+        tm = token_maps(model, _input(name, model)[:1])
+        titles = [panel_title(k, list(tm.maps)) for k in tm.maps]
+        assert not any("blocks." in t for t in titles), titles
+        bars.clear()
+        render(np.zeros((*_input(name, model).shape[-2:], 3), np.uint8), tm, str(tmp_path / f"{name}.png"))
+        assert bars == ["horizontal"] * len(tm.maps)  # one colour scale per kind of map
+    assert panel_title("blocks.4", ["center_pool", "blocks.4", "blocks.5"]).startswith("STGM layer 1 (layer 5)")
+    assert "global centres" in panel_title("blocks.5", ["center_pool", "blocks.4", "blocks.5"])
+    assert panel_title("gather").startswith("MHBC gather")
+    assert panel_title("recovery").startswith("recovery") and panel_title("semantic").startswith("semantic tokens")
+
+
+def test_viz_grid_errors_name_the_grid(tmp_path, capsys):
+    for grid in ("0x0", "3", "axb"):
+        assert main(["viz", "--model", "lookupvit_tiny_patch16_224", "--image", "sample:china", "--grid", grid,
+                     "--out", str(tmp_path / "o.png"), "--model-kwargs", "embed_dim=32", "depth=1",
+                     "num_heads=2"]) == 2
+        err = capsys.readouterr().err
+        assert f"--grid {grid!r}: the compressed grid is HxW" in err and "size" not in err

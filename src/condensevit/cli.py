@@ -1,9 +1,11 @@
-"""The command line: ``condensevit {bench, models, train, eval, demo, viz, export}``.
+"""The command line: ``condensevit {bench, models, train, eval, demo, viz, caption, export}``.
 
 Each subcommand module exposes ``add_parser(subparsers)`` that registers its parser with
 ``set_defaults(func=handler)``; the handler takes the parsed namespace and returns an exit code.
-User errors (``UsageError``, ``ValueError``, ``FileNotFoundError``) become a one-line message and
-exit code 2, without a traceback; set ``CONDENSEVIT_DEBUG=1`` to see the traceback instead.
+User errors (``UsageError``, ``ValueError``, ``FileNotFoundError``, files that cannot be written or a
+full disk) become a one-line message and exit code 2, without a traceback (an error raised in a data
+loader worker shows its own message, naming the file); set ``CONDENSEVIT_DEBUG=1`` to see the
+traceback instead.
 """
 from __future__ import annotations
 
@@ -12,11 +14,24 @@ import importlib
 import os
 import sys
 
-__all__ = ["main", "UsageError"]
+__all__ = ["main", "UsageError", "HelpFormatter"]
 
 
 class UsageError(ValueError):
     """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows an option's default once: appended when the help text does not already
+    say it, and only for a real value (not for None, whose meaning the help text gives, nor for
+    on/off flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 # (module, attribute) of each subcommand's add_parser; modules are imported lazily
@@ -25,6 +40,7 @@ _SUBCOMMANDS = (
     ("condensevit.train.cli", "add_parser"),  # train, eval
     ("condensevit.demo", "add_parser"),       # demo
     ("condensevit.viz", "add_parser"),        # viz
+    ("condensevit.caption.cli", "add_parser"),  # caption train|eval|predict
     ("condensevit.deploy", "add_parser"),     # export
 )
 
@@ -56,17 +72,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("condensevit: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
-        if os.environ.get("CONDENSEVIT_DEBUG") or (isinstance(e, RuntimeError) and not _is_user_runtime_error(e)):
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if os.environ.get("CONDENSEVIT_DEBUG") or (isinstance(e, RuntimeError) and not _is_user_runtime_error(e)) \
+                or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and not _is_user_os_error(e)):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"condensevit {args.command}: error: {msg}", file=sys.stderr)
+        print(f"condensevit {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
 
 def _is_user_runtime_error(e: RuntimeError) -> bool:
     text = str(e)
     return "no CUDA GPU" in text or "CUDA" in text and "available" in text
+
+
+def _is_user_os_error(e: OSError) -> bool:
+    """Files that cannot be written or read (a folder made read-only mid-run, a full disk): the
+    commands check their outputs before starting, this is the net for what changes later."""
+    import errno
+    return e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+
+
+def _worker_error(text: str) -> str | None:
+    """The original message of an error raised in a DataLoader worker process, which PyTorch
+    re-raises as "Caught ValueError in DataLoader worker process 1.\nOriginal Traceback ...": its
+    last line, so that the one line shown names the file, not the worker."""
+    if not text.startswith("Caught ") or "DataLoader worker process" not in text.splitlines()[0]:
+        return None
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else ""
+    return last.split(": ", 1)[1] if ": " in last else last or None
+
+
+def _message(e: BaseException) -> str:
+    """The one line shown for a user error."""
+    text = str(e).strip()
+    inner = _worker_error(text)
+    if inner:
+        return inner
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"cannot write or read {e.filename}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

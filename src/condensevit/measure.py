@@ -1,5 +1,10 @@
 """Measurements users and tests can trust: GMACs, parameters, throughput, latency, peak memory.
 
+Throughput is measured for inference (:func:`throughput`) and for training steps
+(:func:`train_throughput`: forward, loss, backward and an AdamW step). Peak memory is either CUDA's
+peak allocation or, on CPU, resident memory; :class:`OwnPeakMemory` gives the part of a process's
+peak that one model adds (used by ``condensevit bench``, which runs each model in its own process).
+
 GMACs are multiply-accumulates per image at batch 1, as timm and fvcore report them. They are
 counted with PyTorch's ``FlopCounterMode`` (which counts 2 FLOPs per multiply-add, so we halve it),
 with fused attention counted through its math form: ``scaled_dot_product_attention`` is replaced,
@@ -13,7 +18,7 @@ import platform
 import resource
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
-    "gmacs", "count_params", "throughput", "Throughput", "environment", "as_input_shape",
+    "gmacs", "count_params", "throughput", "train_throughput", "make_inference_step", "make_train_step",
+    "time_steps", "median_latency_ms", "Throughput", "OwnPeakMemory", "environment", "as_input_shape",
 ]
 
 
@@ -90,29 +96,44 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _rss_bytes() -> int | None:
+def _statm() -> list[int] | None:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+            return [int(v) * os.sysconf("SC_PAGE_SIZE") for v in f.read().split()]
+    except (OSError, ValueError):
         return None
 
 
-class _PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every few ms)."""
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (anonymous and file-backed pages)."""
+    m = _statm()
+    return m[1] if m else None
 
-    def __init__(self, interval: float = 0.002):
+
+def _anon_bytes() -> int | None:
+    """Resident memory of this process that is not file-backed (heap: tensors): RSS minus shared.
+    File-backed pages (the mapped libraries) come and go with the machine's memory pressure, so a
+    model's memory is read from this."""
+    m = _statm()
+    return m[1] - m[2] if m else None
+
+
+class _PeakRSS:
+    """Peak of ``read()`` (default: the process's RSS) while the block runs, sampled every few ms."""
+
+    def __init__(self, interval: float = 0.002, read=_rss_bytes):
         self.interval = interval
+        self.read = read
         self.peak = 0
         self._stop = threading.Event()
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() or 0)
+            self.peak = max(self.peak, self.read() or 0)
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.peak = _rss_bytes() or 0
+        self.peak = self.read() or 0
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -120,21 +141,71 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes() or 0)
-        if self.peak == 0:  # no /proc: fall back to the process's lifetime peak
+        self.peak = max(self.peak, self.read() or 0)
+        if self.peak == 0 and self.read is _rss_bytes:  # no /proc: the process's lifetime peak
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class OwnPeakMemory:
+    """The peak memory one model adds to its own process, in bytes.
+
+    Create it before the model is built (``base``: the process's memory then); call :meth:`start`
+    once the model is built; wrap the timed runs in :meth:`track`; read :meth:`peak_bytes`.
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` since :meth:`start` (weights, gradients, optimizer
+      state and activations: everything this process allocated, which is this model's when the
+      process holds one model). The CUDA context and the caching allocator's slack are not counted.
+    * CPU: the peak, during :meth:`track`, of the process's anonymous resident memory (RSS minus
+      file-backed pages: tensors, not the mapped libraries, whose pages come and go with the
+      machine's memory pressure) minus the same before the model was built: what the model's
+      weights and its runs add. Sampled every 2 ms (and at the start and end of each block), so a
+      spike shorter than that can be missed; a training or inference step holds its activations
+      far longer.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.base = 0 if self.device.type == "cuda" else (_anon_bytes() or 0)
+        self._sampled = 0
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "CUDA peak allocated (torch.cuda.max_memory_allocated) in the model's own process"
+        return ("peak anonymous resident memory (RSS less file-backed pages, sampled every 2 ms) of the model's "
+                "own process above the same before the model was built")
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextmanager
+    def track(self):
+        if self.device.type == "cuda":
+            yield
+            return
+        with _PeakRSS(read=_anon_bytes) as sampler:
+            yield
+        self._sampled = max(self._sampled, sampler.peak)
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return max(0, self._sampled - self.base)
 
 
 @dataclass
 class Throughput:
     images_per_s: float
-    latency_ms: float          # batch-1 latency, median of the timed runs
-    peak_memory_mb: float      # CUDA peak allocation, or peak process RSS on CPU
+    latency_ms: float          # batch-1 latency, median of the timed runs (NaN when not measured)
+    peak_memory_mb: float      # MiB: CUDA peak allocation, or peak RSS of the whole process on CPU
     batch_size: int
     device: str
     amp: bool
     channels_last: bool
     compiled: bool
+    mode: str = "inference"    # or "train": forward + loss + backward + optimizer step
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +227,129 @@ def _timed(fn, device, iters: int) -> list[float]:
     return times
 
 
-@torch.no_grad()
+def _check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _amp_dtype(device: torch.device, amp_dtype: str | torch.dtype | None) -> torch.dtype:
+    """autocast's dtype: the one asked for, else float16 on CUDA and bfloat16 on CPU."""
+    if amp_dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if isinstance(amp_dtype, torch.dtype):
+        return amp_dtype
+    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if amp_dtype not in dtypes:
+        raise ValueError(f"amp dtype {amp_dtype!r} must be float16 or bfloat16")
+    return dtypes[amp_dtype]
+
+
+def _amp_context(device: torch.device, amp: bool, amp_dtype=None):
+    if not amp:
+        return nullcontext
+    dtype = _amp_dtype(device, amp_dtype)
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _memory_format(shape) -> torch.memory_format:
+    return torch.channels_last if len(shape) == 3 else torch.channels_last_3d
+
+
+def _prepare(model, shape, device, channels_last, compile):
+    """The model on ``device``, and the callable to time: itself, or ``torch.compile`` of it (``compile``
+    True: the default backend, inductor; a string: that backend, e.g. 'eager' to check tracing only)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=_memory_format(shape))
+    if not compile:
+        return model, model
+    return model, (torch.compile(model, backend=compile) if isinstance(compile, str) else torch.compile(model))
+
+
+def _input(shape, batch_size, device, channels_last) -> torch.Tensor:
+    x = torch.randn(batch_size, *shape, device=device)
+    return x.contiguous(memory_format=_memory_format(shape)) if channels_last else x
+
+
+def make_inference_step(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 32,
+                        device: str | torch.device = "cpu", amp: bool = False, amp_dtype=None,
+                        channels_last: bool = False, compile: bool = False):
+    """A function running one inference batch (eval mode, no grad) on a fixed random input."""
+    device = _check_device(device)
+    shape = as_input_shape(input_size)
+    model, run_model = _prepare(model.eval(), shape, device, channels_last, compile)
+    amp_ctx = _amp_context(device, amp, amp_dtype)
+    x = _input(shape, batch_size, device, channels_last)
+
+    @torch.no_grad()
+    def step():
+        with amp_ctx():
+            run_model(x)
+    return step
+
+
+def make_train_step(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 32,
+                    device: str | torch.device = "cpu", amp: bool = False, amp_dtype=None,
+                    channels_last: bool = False, compile: bool = False, lr: float = 1e-4,
+                    weight_decay: float = 0.05):
+    """A function running one training step on a fixed random batch: forward, cross-entropy
+    against random labels (mean of squares for a model without classifier), backward, and a step
+    of timm's AdamW (``create_optimizer_v2``, the trainer's; no weight decay on norms and biases),
+    gradients set to None between steps as the trainer does. float16 autocast on CUDA uses a
+    ``GradScaler``. The model is put in train mode (dropout and drop path as configured)."""
+    from timm.optim import create_optimizer_v2
+
+    device = _check_device(device)
+    shape = as_input_shape(input_size)
+    model, run_model = _prepare(model.train(), shape, device, channels_last, compile)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    amp_ctx = _amp_context(device, amp, amp_dtype)
+    scaler = torch.amp.GradScaler(device.type) \
+        if amp and device.type == "cuda" and _amp_dtype(device, amp_dtype) == torch.float16 else None
+    x = _input(shape, batch_size, device, channels_last)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with amp_ctx():
+            out = run_model(x)
+        out = out.float()
+        loss = F.cross_entropy(out, y) if num_classes and out.ndim == 2 else out.square().mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    return step
+
+
+def time_steps(step, batch_size: int, device: str | torch.device = "cpu", warmup: int = 2, iters: int = 5,
+               min_time: float = 0.0) -> float:
+    """Images per second of ``step`` (one batch of ``batch_size``) after ``warmup`` untimed calls;
+    synchronised on GPU; ``min_time`` (seconds) extends the timed loop on fast machines."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        step()
+    times = _timed(step, device, iters)
+    while min_time and sum(times) < min_time:
+        times += _timed(step, device, iters)
+    return batch_size * len(times) / sum(times)
+
+
+def median_latency_ms(step, device: str | torch.device = "cpu", warmup: int = 1, iters: int = 10) -> float:
+    """Median wall time of ``step`` in milliseconds after ``warmup`` untimed calls."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        step()
+    lat = sorted(_timed(step, device, iters))
+    return 1000 * lat[len(lat) // 2]
+
+
 def throughput(
         model: nn.Module,
         input_size=(3, 224, 224),
@@ -169,68 +362,60 @@ def throughput(
         iters: int = 10,
         latency_iters: int | None = None,
         min_time: float = 0.0,
+        amp_dtype=None,
 ) -> Throughput:
     """Inference images per second after warm-up, as timm's benchmark measures it.
 
     Timing is synchronised on GPU. ``min_time`` (seconds) extends the timed loop on fast
     machines. Latency is the median batch-1 time (skipped, and NaN, when ``latency_iters == 0``).
-    Peak memory covers the batched runs.
+    Peak memory covers the batched runs and is the whole process's (MiB): CUDA peak allocation, or
+    peak RSS on CPU; for one model's own peak see :class:`OwnPeakMemory`.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-    shape = as_input_shape(input_size)
-    model = model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last if len(shape) == 3 else torch.channels_last_3d)
-    run_model = torch.compile(model) if compile else model
-    amp_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)) \
-        if amp else nullcontext
-
-    def make(bs):
-        x = torch.randn(bs, *shape, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last if len(shape) == 3 else torch.channels_last_3d)
-        return x
-
-    x = make(batch_size)
-
-    def step():
-        with amp_ctx():
-            run_model(x)
-
+    device = _check_device(device)
+    step = make_inference_step(model, input_size, batch_size, device, amp, amp_dtype, channels_last, compile)
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _PeakRSS() as rss:
-        times = _timed(step, device, iters)
-        while min_time and sum(times) < min_time:
-            times += _timed(step, device, iters)
+        ips = time_steps(step, batch_size, device, warmup=0, iters=iters, min_time=min_time)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-
     latency = float("nan")
     if latency_iters != 0:
-        x1 = make(1)
+        step1 = make_inference_step(model, input_size, 1, device, amp, amp_dtype, channels_last, compile)
+        latency = median_latency_ms(step1, device, warmup=max(warmup, 1), iters=latency_iters or max(iters, 10))
+    return Throughput(images_per_s=ips, latency_ms=latency, peak_memory_mb=peak / 2**20, batch_size=batch_size,
+                      device=str(device), amp=amp, channels_last=channels_last, compiled=bool(compile))
 
-        def step1():
-            with amp_ctx():
-                run_model(x1)
 
-        for _ in range(max(warmup, 1)):
-            step1()
-        lat = sorted(_timed(step1, device, latency_iters or max(iters, 10)))
-        latency = 1000 * lat[len(lat) // 2]
-    return Throughput(
-        images_per_s=batch_size * len(times) / sum(times),
-        latency_ms=latency,
-        peak_memory_mb=peak / 2**20,
-        batch_size=batch_size,
-        device=str(device),
-        amp=amp,
-        channels_last=channels_last,
-        compiled=compile,
-    )
+def train_throughput(
+        model: nn.Module,
+        input_size=(3, 224, 224),
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        warmup: int = 2,
+        iters: int = 5,
+        min_time: float = 0.0,
+        amp_dtype=None,
+) -> Throughput:
+    """Training images per second (see :func:`make_train_step`: forward, loss, backward, AdamW
+    step) after warm-up. Peak memory (MiB) as in :func:`throughput`. Leaves the model in train mode
+    with updated weights: measure a copy if the weights matter."""
+    device = _check_device(device)
+    step = make_train_step(model, input_size, batch_size, device, amp, amp_dtype, channels_last, compile)
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with _PeakRSS() as rss:
+        ips = time_steps(step, batch_size, device, warmup=0, iters=iters, min_time=min_time)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+    return Throughput(images_per_s=ips, latency_ms=float("nan"), peak_memory_mb=peak / 2**20,
+                      batch_size=batch_size, device=str(device), amp=amp, channels_last=channels_last,
+                      compiled=bool(compile), mode="train")
 
 
 def environment(device: str | torch.device = "cpu") -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["TokenMaps", "token_maps", "load_image", "load_clip_input", "slice_frame", "render", "figure_size",
-           "add_parser", "models_with_token_maps"]
+           "add_parser", "models_with_token_maps", "sample_image", "panel_title"]
 
 
 @dataclass
@@ -115,9 +116,13 @@ def token_maps(model, images: torch.Tensor, **kwargs) -> TokenMaps:
 
 
 def load_image(path_or_array, size: tuple[int, int], mean, std) -> tuple[torch.Tensor, np.ndarray]:
-    """An image file (or HxWx3 uint8 array) resized to ``size`` (H, W): the normalised tensor
-    (1, 3, H, W) for the model and the RGB array for drawing."""
+    """An image file (or HxW / HxWx3 array) at ``size`` (H, W): the normalised tensor (1, 3, H, W)
+    for the model and the RGB array for drawing. The image is scaled to cover ``size`` and
+    centre-cropped (as timm's evaluation transform does), so its aspect ratio is kept, never
+    squashed; 16-bit greyscale is scaled to 8 bits (:func:`condensevit.data.folder.to_rgb`)."""
     from PIL import Image, UnidentifiedImageError
+
+    from .data.folder import to_rgb
     if isinstance(path_or_array, np.ndarray):
         img = Image.fromarray(path_or_array)
     else:
@@ -129,7 +134,13 @@ def load_image(path_or_array, size: tuple[int, int], mean, std) -> tuple[torch.T
             img.load()
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {path!r} ({e}); give a PNG, JPEG or other PIL-readable file") from e
-    img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+    img = to_rgb(img)
+    H, W = size
+    scale = max(H / img.height, W / img.width)
+    rw, rh = max(W, round(img.width * scale)), max(H, round(img.height * scale))
+    img = img.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - W) // 2, (rh - H) // 2
+    img = img.crop((left, top, left + W, top + H))
     rgb = np.asarray(img)
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -204,6 +215,31 @@ def _upsample(m: torch.Tensor, size) -> np.ndarray:
     return up.reshape(*lead, *size).cpu().numpy()
 
 
+_TITLES = {
+    # STViT (Chang et al. 2023, sec. 3.2): the semantic token generation module (STGM)
+    "center_pool": "initial cluster centres:\nintra-window pooling weights",
+    # LookupViT (Koner et al. 2024, sec. 3): multi-head bidirectional cross-attention (MHBC)
+    "gather": "MHBC gather: compressed tokens\nattending to lookup tokens",
+    "scatter": "MHBC scatter: lookup tokens\nattending to compressed tokens",
+    # STViT-R (the authors' code): a dumbbell unit of stage 3
+    "semantic": "semantic tokens attending\nto image tokens",
+    "recovery": "recovery: image tokens\nattending to semantic tokens",
+}
+
+
+def panel_title(name: str, names: list[str] | tuple[str, ...] = ()) -> str:
+    """The title of a map kind in the papers' terms (``blocks.4`` of STViT is the first STGM layer)."""
+    if name in _TITLES:
+        return _TITLES[name]
+    if name.startswith("blocks."):
+        layers = sorted((k for k in names if k.startswith("blocks.")), key=lambda k: int(k.split(".")[1]))
+        i = layers.index(name) + 1 if name in layers else None
+        where = f"STGM layer {i}" if i else "STGM layer"
+        query = "semantic tokens" if i != 2 else "semantic tokens + global centres"
+        return f"{where} (layer {int(name.split('.')[1]) + 1}):\n{query} attending to image tokens"
+    return name
+
+
 def figure_size(n_kinds: int, n_tokens: int, max_tokens: int = 16, dpi: int = 100,
                 aspect: float = 1.0) -> tuple[int, int]:
     """Pixel size (width, height) of the figure ``render`` draws; ``aspect`` is the image's H / W."""
@@ -211,7 +247,7 @@ def figure_size(n_kinds: int, n_tokens: int, max_tokens: int = 16, dpi: int = 10
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     width_in = 4.0 + (1.1 * cols + 0.3) * n_kinds + 0.2
-    height_in = max(4.0 * aspect, 1.1 * aspect * rows + 0.3) + 0.7
+    height_in = max(4.0 * aspect, 1.1 * aspect * rows + 0.3) + 0.7 + 0.6  # + title lines and a colour bar
     return int(round(width_in * dpi)), int(round(height_in * dpi))
 
 
@@ -219,22 +255,28 @@ def render(rgb: np.ndarray, tm: TokenMaps, path: str, index: int = 0, max_tokens
            title: str = "", dpi: int = 100) -> tuple[int, int]:
     """Draw the maps of batch element ``index`` over ``rgb`` (H, W, 3) and write a PNG.
 
-    Returns the (width, height) in pixels."""
+    Left: which token claims each patch. Then, for each kind of map (titled in the papers' terms),
+    each token's map over the image at the image's own aspect ratio, on one colour scale per kind
+    (the share of the token's attention that falls on each patch; its colour bar below). Returns
+    the (width, height) in pixels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import gridspec
+    from matplotlib import cm, colors, gridspec
 
     H, W = rgb.shape[:2]
     kinds = list(tm.maps.items())
+    names = [k for k, _ in kinds]
     n_tokens = max(v.shape[1] for _, v in kinds)
     n = min(n_tokens, max_tokens)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     size_px = figure_size(len(kinds), n_tokens, max_tokens, dpi, aspect=H / W)
     fig = plt.figure(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
-    outer = gridspec.GridSpec(1, 1 + len(kinds), figure=fig, left=0.01, right=0.99, top=0.9, bottom=0.02,
-                              width_ratios=[4.0] + [1.1 * cols + 0.3] * len(kinds), wspace=0.06)
+    height_in = size_px[1] / dpi  # margins in inches: room for the titles above, the colour bars' labels below
+    outer = gridspec.GridSpec(1, 1 + len(kinds), figure=fig, left=0.01, right=0.99, top=1 - 0.15 / height_in,
+                              bottom=0.5 / height_in, width_ratios=[4.0] + [1.1 * cols + 0.3] * len(kinds),
+                              wspace=0.06)
     # the combined "which token owns this patch" map
     ax = fig.add_subplot(outer[0])
     owner = tm.owner[index]
@@ -251,21 +293,32 @@ def render(rgb: np.ndarray, tm: TokenMaps, path: str, index: int = 0, max_tokens
     ax.set_title(f"{title}\n{tm.owner_title}" if title else tm.owner_title, fontsize=8)
     ax.axis("off")
     gray = rgb.mean(-1, keepdims=True).repeat(3, -1) / 255.0
+    heat_cmap = plt.get_cmap("inferno")
     for k, (name, maps) in enumerate(kinds):
-        inner = gridspec.GridSpecFromSubplotSpec(rows + 1, cols, subplot_spec=outer[1 + k],
-                                                 height_ratios=[0.2] + [1] * rows, hspace=0.2, wspace=0.05)
+        inner = gridspec.GridSpecFromSubplotSpec(rows + 2, cols, subplot_spec=outer[1 + k],
+                                                 height_ratios=[0.35] + [1] * rows + [0.12], hspace=0.25,
+                                                 wspace=0.05)
         head = fig.add_subplot(inner[0, :])
         more = f" (first {n} of {maps.shape[1]})" if maps.shape[1] > n else ""
-        head.text(0.5, 0.0, f"{name}{more}", ha="center", va="bottom", fontsize=8)
+        width_chars = max(16, int((1.1 * cols + 0.3) * 13))  # ~13 characters per inch at 7 pt
+        text = "\n".join(textwrap.fill(line, width_chars) for line in f"{panel_title(name, names)}{more}".split("\n"))
+        head.text(0.5, 0.0, text, ha="center", va="bottom", fontsize=7)
         head.axis("off")
         up = _upsample(maps[index, :n], (H, W))
+        # one scale per kind: the maps are shares of each token's attention (they sum to 1 over the
+        # patches), so colours compare across the tokens of a panel
+        vmax = max(float(maps[index, :n].max()), 1e-12)
+        norm = colors.Normalize(vmin=0.0, vmax=vmax)
         for t in range(min(n, maps.shape[1])):
             a = fig.add_subplot(inner[1 + t // cols, t % cols])
-            heat = up[t] / max(float(up[t].max()), 1e-12)
             a.imshow(0.45 * gray)
-            a.imshow(heat, cmap="inferno", alpha=0.75, vmin=0, vmax=1)
-            a.set_title(str(t), fontsize=6, pad=1)
+            a.imshow(up[t], cmap=heat_cmap, norm=norm, alpha=0.75)
+            a.set_title(f"token {t}", fontsize=6, pad=1)
             a.axis("off")
+        cax = fig.add_subplot(inner[rows + 1, :])
+        bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=heat_cmap), cax=cax, orientation="horizontal")
+        bar.ax.tick_params(labelsize=6, length=2, pad=1)
+        bar.set_label("share of the token's attention per patch", fontsize=6, labelpad=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -282,26 +335,42 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _parse_grid(text: str, video: bool) -> tuple[int, ...]:
-    """--grid: HxW for images, TxHxW for video models."""
-    if not video:
-        return _parse_size(text)
+    """--grid: HxW for images, TxHxW for video models (LookupViT's compressed grid)."""
     try:
         parts = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p)
     except ValueError:
         parts = ()
-    if len(parts) != 3 or min(parts) < 1:
-        raise ValueError(f"--grid {text!r}: a video model's compressed grid is TxHxW, e.g. 2x3x3")
+    want, example = (3, "TxHxW, e.g. 2x3x3") if video else (2, "HxW, e.g. 3x3")
+    if len(parts) != want or min(parts) < 1:
+        kind = "a video model's" if video else "the"
+        raise ValueError(f"--grid {text!r}: {kind} compressed grid is {example}, at least one token along each axis")
     return parts
 
 
-def _sample_image(spec: str) -> np.ndarray:
+SAMPLE_IMAGES = "sample:china, sample:flower (scikit-learn's photographs), sample:digit[:N] (the N-th validation digit)"
+
+
+def sample_image(spec: str) -> np.ndarray:
+    """A built-in image as an (H, W, 3) uint8 array: ``sample:china`` / ``sample:flower``
+    (scikit-learn's photographs, 427x640) or ``sample:digit[:N]`` (``sample:digits[:N]`` too): the
+    N-th (default 0) validation image of the embedded digits set, a 64x64 canvas."""
+    parts = spec.split(":")
+    name = parts[1] if len(parts) > 1 else ""
+    if name in ("digit", "digits"):
+        from .data import DigitsDataset
+        val = DigitsDataset("val")
+        try:
+            index = int(parts[2]) if len(parts) == 3 else 0
+        except ValueError:
+            index = -1
+        if len(parts) > 3 or not 0 <= index < len(val):
+            raise ValueError(f"sample image {spec!r}: write sample:digit or sample:digit:N with N in 0..{len(val) - 1}")
+        return np.repeat(val.images[index][..., None], 3, axis=-1)
+    name = (name or "china").removesuffix(".jpg")
+    if name not in ("china", "flower") or len(parts) > 2:
+        raise ValueError(f"no sample image {spec!r}; the built-in images are {SAMPLE_IMAGES}")
     from sklearn.datasets import load_sample_image
-    name = spec.split(":", 1)[1] or "china.jpg"
-    name = name if name.endswith(".jpg") else name + ".jpg"
-    try:
-        return load_sample_image(name)
-    except (AttributeError, FileNotFoundError, KeyError) as e:
-        raise ValueError(f"no sample image {name!r}; scikit-learn ships sample:china and sample:flower") from e
+    return load_sample_image(name + ".jpg")
 
 
 def _model_label(args, model) -> str:
@@ -317,6 +386,8 @@ def _cmd_viz(args) -> int:
     from . import models as _  # noqa: F401  (registers the models)
     from .bench import _check_model_name
     from .data import model_input_size
+    from .outputs import check_output_file
+    check_output_file(args.out, "--out")  # before any model is built
     if args.model:
         _check_model_name(args.model)
     elif not args.checkpoint:
@@ -346,13 +417,13 @@ def _cmd_viz(args) -> int:
                          "a folder of frame images or a video file")
     if not video and is_clip:
         raise ValueError(f"{name} takes images (C, H, W) but {args.image!r} is a clip; give an image file or "
-                         "sample:china, or a video model (stvit_video_*, lookupvit_video_*)")
+                         "sample:china / sample:digit, or a video model (stvit_video_*, lookupvit_video_*)")
     if not video and args.frame is not None:
         raise ValueError(f"--frame picks a tubelet slice of a video model's maps; {name} takes images")
     if video:
         x, frames = load_clip_input(args.image, input_size, mean, std)
     else:
-        x, rgb = load_image(_sample_image(args.image) if args.image.startswith("sample:") else args.image,
+        x, rgb = load_image(sample_image(args.image) if args.image.startswith("sample:") else args.image,
                             input_size[-2:], mean, std)
     map_kwargs = {}
     if args.grid:
@@ -378,8 +449,9 @@ def _cmd_viz(args) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction):
+    from .cli import HelpFormatter
     p = sub.add_parser(
-        "viz", help="draw what the few tokens see (token maps) over an image or a frame of a clip",
+        "viz", formatter_class=HelpFormatter, help="draw what the few tokens see (token maps) over an image or a frame of a clip",
         description="STViT: each semantic token's initial pooling and its attention in the token generation "
                     "layers; STViT-R: the per-window semantic tokens of one stage-3 unit; LookupViT: each "
                     "compressed token's gather attention and which compressed token each patch reads most. "
@@ -388,8 +460,9 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="model name (required unless --checkpoint is a training output, which records it)")
     p.add_argument("--checkpoint", default=None, help="weights to load (training output or a pretrained file)")
     p.add_argument("--image", required=True,
-                   help="an image file, or sample:china / sample:flower (scikit-learn's photographs); for video "
-                        "models a clip: sample:moving_digits[:N], a folder of frame images or a video file")
+                   help="an image file, or a built-in image: sample:china / sample:flower (scikit-learn's "
+                        "photographs), sample:digit[:N] (a validation digit); for video models a clip: "
+                        "sample:moving_digits[:N], a folder of frame images or a video file")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--size", default=None, help="HxW to run the model at (default: its input size)")
     p.add_argument("--frame", type=int, default=None,
@@ -397,5 +470,6 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--grid", default=None, help="LookupViT: compressed grid HxW (TxHxW for video) for this picture")
     p.add_argument("--unit", type=int, default=None, help="STViT-R: which stage-3 unit to show")
     p.add_argument("--max-tokens", type=int, default=16, help="small overlays per map kind")
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="model constructor arguments (with --checkpoint: on top of those it records)")
     p.set_defaults(func=_cmd_viz)

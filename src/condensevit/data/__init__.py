@@ -160,6 +160,8 @@ class AugmentConfig:
     scale: tuple[float, float] | None = None
     color_jitter: float | None = None
     re_prob: float = 0.0            # random erasing
+    re_mode: str = "pixel"          # its fill: per-pixel normal noise (DeiT, timm's train.py), rand or const
+    re_count: int = 1
     crop_pct: float | None = None   # evaluation resize ratio before the centre crop
 
 
@@ -221,7 +223,8 @@ def build_transform(name_or_path: str, is_training: bool, input_size, *, data_co
     )
     if is_training:
         return create_transform(is_training=True, auto_augment=aa, hflip=pick("hflip"), scale=tuple(pick("scale")),
-                                color_jitter=pick("color_jitter"), re_prob=aug.re_prob, **kwargs)
+                                color_jitter=pick("color_jitter"), re_prob=aug.re_prob, re_mode=aug.re_mode,
+                                re_count=aug.re_count, **kwargs)
     crop_pct = pick("crop_pct")
     if crop_pct is None:
         crop_pct = cfg.get("crop_pct", 0.875)
@@ -253,8 +256,11 @@ class SeededAugmentation(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, index: int):
-        s = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+    def __getitem__(self, index):
+        # (key, index): the augmentation drawn for `key` (repeated augmentation gives each copy of an
+        # image its own key, see condensevit.train.repeat_aug), the image at `index`
+        key, index = index if isinstance(index, tuple) else (index, index)
+        s = np.random.SeedSequence([self.seed, self.epoch, int(key)]).generate_state(2)
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             random.seed(int(s[0]))

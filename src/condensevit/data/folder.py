@@ -3,19 +3,24 @@ user needs: a missing or empty folder, class folders that differ between train a
 unreadable images (skipped and counted, or an error with ``strict``) give one clear message.
 
 Image headers are checked when the dataset is built (a thread pool opens each file without
-decoding it); a file that passes that check but fails to decode later is replaced by the next
-readable image, or raises with ``strict``.
+decoding it, and checks that a PNG ends with its IEND chunk, which a truncated copy lacks); a file
+that passes that check but fails to decode later is replaced by the next readable image with a
+one-line warning naming it, or raises with ``strict``.
+
+Images are read as 8-bit RGB by :func:`to_rgb`: 16-bit (and 32-bit) greyscale, which PIL would clip
+to white, is scaled to 8 bits.
 """
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["ImageFolderDataset", "find_classes", "IMG_EXTENSIONS"]
+__all__ = ["ImageFolderDataset", "find_classes", "IMG_EXTENSIONS", "to_rgb", "open_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -57,14 +62,47 @@ def _check_same_classes(root: str, train: list[str], val: list[str]):
         f"only in train: {show(only_train)}; only in val: {show(only_val)}; make both hold the same class folders")
 
 
+_PNG_END = b"IEND\xaeB`\x82"   # the last chunk of every PNG: a truncated copy has lost it
+
+
 def _probe(path: str) -> str | None:
-    """None when PIL can read the header of ``path``, else the reason."""
+    """None when PIL can read the header of ``path`` (and a PNG has its end), else the reason."""
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018  (the header is parsed on open; size proves it)
+            fmt = im.format
+        if fmt == "PNG":
+            with open(path, "rb") as f:
+                f.seek(max(os.path.getsize(path) - 1024, 0))
+                if _PNG_END not in f.read():
+                    return "truncated PNG (no IEND chunk at its end)"
         return None
     except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
         return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img``. 16-bit greyscale (PIL modes ``I;16*``, and ``I`` holding values
+    above 255) is scaled by 255/65535 rather than clipped to white, as PIL's ``convert`` would;
+    floating-point images in [0, 1] are scaled by 255."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if mode == "F" and top <= 1.0:
+            a = a * 255.0
+        elif mode.startswith("I;16") or top > 255:
+            a = a * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The image at ``path`` decoded as 8-bit RGB (:func:`to_rgb`)."""
+    with open(path, "rb") as f:
+        with Image.open(f) as im:
+            im.load()
+            return to_rgb(im)
 
 
 class ImageFolderDataset(Dataset):
@@ -125,8 +163,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def _load(self, path: str) -> Image.Image:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return open_rgb(path)
 
     def __getitem__(self, index: int):
         for k in range(len(self.samples)):
@@ -138,7 +175,9 @@ class ImageFolderDataset(Dataset):
                 if self.strict:
                     raise ValueError(f"unreadable image {path!r} ({type(e).__name__}: {e}); "
                                      "remove it, or drop --strict to skip it") from e
-                warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
+                # one line naming the file (from a loader worker too), not a Python warning
+                print(f"condensevit: warning: skipping unreadable image {path!r} ({type(e).__name__}: {e}); "
+                      "--strict makes this an error", file=sys.stderr, flush=True)
         else:  # pragma: no cover  (every image failed to decode)
             raise ValueError(f"no image of {self.root!r}/{self.split} could be decoded")
         if self.transform is not None:

@@ -13,6 +13,14 @@ Temporal sampling: ``num_frames`` frames spread uniformly over the clip, the mid
 ``num_frames`` equal segments (:func:`sample_indices`); deterministic, so a clip always gives the
 same tensor. A clip with fewer frames than ``num_frames`` is an error (never silently repeated).
 
+Multi-view testing (``condensevit eval --views 4x3``, as Video Swin is tested: temporal clips x
+spatial crops, scores averaged): :func:`view_indices` gives the frames of each temporal view, the
+single-view sampling at ``num_clips`` evenly spaced phases inside each segment (TSN / TSM's
+multi-clip test; one clip is exactly :func:`sample_indices`); :func:`spatial_crops` resizes the
+frames to cover the size, as for one view, and takes ``num_crops`` crops evenly spaced along the
+longer side (one crop is the centre crop). :class:`MultiViewClips` wraps a clip data set to give
+every view of a clip, (views, C, T, H, W).
+
 Video files: animated GIFs are read with PIL (always available). Other formats need a decoder;
 torchvision 0.24 and later no longer decode video (its ``read_video`` / ``VideoReader`` moved to
 TorchCodec), so the first available of torchvision's ``read_video`` (older torchvision), TorchCodec
@@ -34,10 +42,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .folder import IMG_EXTENSIONS, find_classes
+from .folder import IMG_EXTENSIONS, find_classes, to_rgb
 
 __all__ = [
     "ClipFolder", "MovingDigits", "sample_indices", "read_video", "video_backends", "load_clip", "normalise_clip",
+    "parse_views", "view_indices", "crop_offsets", "spatial_crops", "MultiViewClips",
     "VIDEO_EXTENSIONS",
     "DIRECTIONS",
 ]
@@ -59,6 +68,61 @@ def sample_indices(num_available: int, num_frames: int) -> list[int]:
     if num_available < num_frames:
         raise ValueError(f"{num_available} frames are fewer than the {num_frames} to sample")
     return [int((i + 0.5) * num_available / num_frames) for i in range(num_frames)]
+
+
+def parse_views(views) -> tuple[int, int]:
+    """``'4x3'`` (or ``(4, 3)``) -> (temporal clips, spatial crops); ValueError naming the form otherwise."""
+    try:
+        parts = tuple(int(v) for v in (views.lower().split("x") if isinstance(views, str) else views))
+    except (TypeError, ValueError, AttributeError):
+        parts = ()
+    if len(parts) != 2 or min(parts) < 1:
+        raise ValueError(f"views {views!r} must be CLIPSxCROPS with both at least 1, e.g. 4x3 (4 temporal clips x 3 "
+                         "spatial crops, as Video Swin is tested) or 1x1 (one view)")
+    return parts
+
+
+def view_indices(num_available: int, num_frames: int, num_clips: int) -> list[list[int]]:
+    """Frame indices of ``num_clips`` temporal views of a clip of ``num_available`` frames.
+
+    Each view takes ``num_frames`` frames spread over the whole clip, one per equal segment, as
+    :func:`sample_indices` does, at phase ``(k + 0.5) / num_clips`` of each segment for view ``k``
+    (TSN / TSM's multi-clip test), so the views interleave in time; ``num_clips=1`` is
+    :func:`sample_indices` itself. Views coincide when the clip has too few frames to tell them
+    apart (fewer than ``num_frames * num_clips``)."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips={num_clips} must be at least 1")
+    sample_indices(num_available, num_frames)   # the same checks as one view
+    return [[int((i + (k + 0.5) / num_clips) * num_available / num_frames) for i in range(num_frames)]
+            for k in range(num_clips)]
+
+
+def crop_offsets(length: int, crop: int, num_crops: int) -> list[int]:
+    """Starts of ``num_crops`` crops of ``crop`` evenly spaced along ``length`` (first at 0, last at
+    the end); one crop is centred (``(length - crop) // 2``, the single-view centre crop)."""
+    if crop > length:
+        raise ValueError(f"a crop of {crop} does not fit in {length}")
+    if num_crops == 1:
+        return [(length - crop) // 2]
+    return [(length - crop) * k // (num_crops - 1) for k in range(num_crops)]
+
+
+def spatial_crops(frames: Tensor, size, num_crops: int) -> list[Tensor]:
+    """``num_crops`` spatial views of (T, C, H, W) float frames in [0, 1]: resized (aspect kept) to
+    cover ``size`` (H, W), then cropped to it at :func:`crop_offsets` along the longer side (the
+    other side is centred). One crop is the single-view resize and centre crop."""
+    th, tw = _as_size(size)
+    H, W = frames.shape[-2:]
+    if (H, W) != (th, tw):
+        scale = max(th / H, tw / W)
+        h, w = max(th, round(H * scale)), max(tw, round(W * scale))
+        frames = F.interpolate(frames, size=(h, w), mode="bilinear", align_corners=False,
+                               antialias=True).clamp_(0.0, 1.0)
+    h, w = frames.shape[-2:]
+    along_h = h - th > w - tw
+    tops = crop_offsets(h, th, num_crops) if along_h else crop_offsets(h, th, 1) * num_crops
+    lefts = crop_offsets(w, tw, 1) * num_crops if along_h else crop_offsets(w, tw, num_crops)
+    return [frames[..., t:t + th, l:l + tw] for t, l in zip(tops, lefts)]
 
 
 def _as_size(size) -> tuple[int, int]:
@@ -127,7 +191,7 @@ def read_video(path: str) -> Tensor:
     try:
         if path.lower().endswith(".gif"):
             with Image.open(path) as im:
-                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+                frames = [np.asarray(to_rgb(f)) for f in ImageSequence.Iterator(im)]
             return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
         backends = video_backends()
         if not backends:
@@ -170,7 +234,7 @@ def _read_frame_files(clip: str, paths: Sequence[str]) -> Tensor:
     for p in paths:
         try:
             with Image.open(p) as im:
-                frames.append(np.asarray(im.convert("RGB")))
+                frames.append(np.asarray(to_rgb(im)))
         except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad files)
             raise ValueError(f"unreadable frame {p!r} in clip {clip!r} ({type(e).__name__}: {str(e)[:120]}); "
                              "replace or remove it (or the clip)") from e
@@ -362,6 +426,30 @@ class ClipFolder(Dataset):
         """Resize (T, C, H, W) to cover ``size`` with the aspect kept, then centre-crop to it."""
         return _resize_cover(frames, self.size)
 
+    def load_views(self, index: int, num_clips: int, num_crops: int) -> list[Tensor]:
+        """The ``num_clips x num_crops`` views of clip ``index`` (clip-major), each (T, 3, H, W) floats
+        in [0, 1], not normalised: :func:`view_indices` in time, :func:`spatial_crops` in space.
+        Each frame is read once."""
+        clip, _ = self.samples[index]
+        paths = self._frames[index]
+        available = len(paths) if paths is not None else None
+        if paths is None:
+            frames = read_video(clip)
+            available = frames.shape[0]
+            if available < self.num_frames:
+                raise ValueError(f"video {clip!r} has {available} frames, fewer than num_frames="
+                                 f"{self.num_frames}; sample fewer frames or remove the clip")
+        views = view_indices(available, self.num_frames, num_clips)
+        if paths is not None:
+            wanted = sorted({i for v in views for i in v})
+            read = self._read_frames(clip, [paths[i] for i in wanted])
+            frames = read.new_zeros(available, *read.shape[1:])
+            frames[wanted] = read
+        out = []
+        for v in views:
+            out += spatial_crops(frames[v].float() / 255.0, self.size, num_crops)
+        return out
+
     def __getitem__(self, index: int):
         clip = _normalise(self.load(index), self.mean, self.std)
         if self.transform is not None:
@@ -470,6 +558,15 @@ class MovingDigits(Dataset):
             out[t, top:top + side, left:left + side] = glyph
         return out
 
+    def load_views(self, index: int, num_clips: int, num_crops: int) -> list[Tensor]:
+        """Multi-view testing's views of clip ``index``, (T, 3, size, size) floats in [0, 1]: a moving
+        digit is exactly ``num_frames`` frames of the model's size, so every view is the clip itself."""
+        frames = torch.from_numpy(self.frames(index)).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+        out = []
+        for v in view_indices(self.num_frames, self.num_frames, num_clips):
+            out += spatial_crops(frames[v], self.size, num_crops)
+        return out
+
     def __getitem__(self, index: int):
         frames = torch.from_numpy(self.frames(index)).float().div_(255.0)
         clip = _normalise(frames.unsqueeze(1).expand(-1, 3, -1, -1), self.mean, self.std)
@@ -480,3 +577,39 @@ class MovingDigits(Dataset):
     def __repr__(self) -> str:
         return (f"MovingDigits(split={self.split!r}, clips={len(self)}, label={self.label!r}, "
                 f"num_frames={self.num_frames}, size={self.size}, seed={self.seed})")
+
+
+# ------------------------------------------------------------------------------- multi-view testing
+class MultiViewClips(Dataset):
+    """Every view of each clip of a clip data set (:class:`ClipFolder` or :class:`MovingDigits`):
+    items are ((num_clips * num_crops, C, T, H, W) normalised views, clip-major, label). The data
+    set's ``transform`` applies to each view. ``classes``, ``targets`` and ``num_skipped`` are the
+    data set's."""
+
+    def __init__(self, dataset: Dataset, num_clips: int, num_crops: int):
+        if not hasattr(dataset, "load_views"):
+            raise ValueError(f"{type(dataset).__name__} gives no views; multi-view testing needs clips (ClipFolder, "
+                             "MovingDigits)")
+        self.dataset, self.num_clips, self.num_crops = dataset, int(num_clips), int(num_crops)
+        self.classes, self.class_to_idx = dataset.classes, dataset.class_to_idx
+        self.targets = dataset.targets
+        self.num_skipped = getattr(dataset, "num_skipped", 0)
+        self.skipped = getattr(dataset, "skipped", [])
+
+    @property
+    def num_views(self) -> int:
+        return self.num_clips * self.num_crops
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        ds = self.dataset
+        views = []
+        for frames in ds.load_views(index, self.num_clips, self.num_crops):
+            clip = _normalise(frames, ds.mean, ds.std)
+            views.append(ds.transform(clip) if ds.transform is not None else clip)
+        return torch.stack(views), ds.targets[index]
+
+    def __repr__(self) -> str:
+        return f"MultiViewClips({self.dataset!r}, views={self.num_clips}x{self.num_crops})"

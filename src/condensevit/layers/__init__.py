@@ -4,7 +4,7 @@ from .bidirectional import BidirectionalCrossAttention, gather_from_logits, scat
 from .pooling import POOL_MODES, TokenScorer, WindowGrid, WindowPool, window_grid, window_index
 from .windows import (
     gather_neighbourhoods, neighbourhood_index, pad_to_multiple, round_up, shifted_window_mask, window_partition,
-    window_reverse,
+    window_neighbourhood_index, window_reverse,
 )
 
 __all__ = [
@@ -12,5 +12,5 @@ __all__ = [
     "BidirectionalCrossAttention", "gather_from_logits", "scatter_from_logits", "shared_logits",
     "POOL_MODES", "TokenScorer", "WindowGrid", "WindowPool", "window_grid", "window_index",
     "gather_neighbourhoods", "neighbourhood_index", "pad_to_multiple", "round_up", "shifted_window_mask",
-    "window_partition", "window_reverse",
+    "window_neighbourhood_index", "window_partition", "window_reverse",
 ]

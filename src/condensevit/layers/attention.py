@@ -79,16 +79,19 @@ class CrossAttention(nn.Module):
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
             fused_attn: bool = True,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.fused_attn = fused_attn
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def project_kv(self, context: Tensor) -> Tuple[Tensor, Tensor]:

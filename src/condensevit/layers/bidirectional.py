@@ -70,6 +70,8 @@ class BidirectionalCrossAttention(nn.Module):
 
     Use :meth:`gather` then, after refining the compressed tokens, :meth:`scatter` with the
     logits the gather returned; :meth:`forward` does both on the same compressed tokens.
+    ``scatter=False`` builds the gather only (no ``scatter_v`` / ``scatter_proj``), for a caller
+    whose lookup tokens are not read after it (:meth:`add_scatter` adds them later).
     """
 
     def __init__(
@@ -80,19 +82,32 @@ class BidirectionalCrossAttention(nn.Module):
             qkv_bias: bool = True,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
+            scatter: bool = True,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; pick num_heads dividing dim")
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.gather_proj = nn.Linear(dim, dim)
-        self.scatter_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.scatter_proj = nn.Linear(dim, dim)
+        self.qkv_bias = qkv_bias
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+        self.gather_proj = nn.Linear(dim, dim, **dd)
+        self.scatter_v = self.scatter_proj = None
+        if scatter:
+            self.add_scatter(**dd)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def add_scatter(self, device=None, dtype=None) -> None:
+        """Build the scatter's projections (``scatter_v``, ``scatter_proj``), PyTorch's default init."""
+        dim = self.q.in_features
+        dd = dict(device=device, dtype=dtype)
+        self.scatter_v = nn.Linear(dim, dim, bias=self.qkv_bias, **dd)
+        self.scatter_proj = nn.Linear(dim, dim, **dd)
 
     def _drop(self) -> float:
         return self.attn_drop if self.training else 0.0
@@ -132,6 +147,9 @@ class BidirectionalCrossAttention(nn.Module):
 
     def _scatter(self, logits: Tensor, compressed: Tensor) -> Tuple[Tensor, Tensor]:
         """:meth:`scatter` with one return type (TorchScript): (out, probabilities)."""
+        if self.scatter_v is None or self.scatter_proj is None:   # static under TorchScript: a gather-only module
+            raise RuntimeError("this BidirectionalCrossAttention was built with scatter=False (gather only); "
+                               "call add_scatter() first")
         v = split_heads(self.scatter_v(compressed), self.num_heads)
         out, attn = scatter_from_logits(logits, v, self._drop())
         out = self.proj_drop(self.scatter_proj(merge_heads(out)))

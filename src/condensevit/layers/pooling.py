@@ -36,23 +36,56 @@ class WindowGrid(NamedTuple):
     pad_before: tuple[int, ...]     # padding before the first token along each axis
 
 
+def _fits(size: int, g: int) -> bool:
+    """Whether ``g`` windows over ``size`` tokens (padded evenly to a multiple of ``g``) each hold a token."""
+    padded = math.ceil(size / g) * g
+    window, pad = padded // g, padded - size
+    return pad // 2 < window and pad - pad // 2 < window
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 5, 8] -> '1-3, 5 or 8'."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(v) if v == start else f"{start}-{v}")
+            start = None
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
 def window_grid(feat_size: tuple[int, ...], grid: tuple[int, ...]) -> WindowGrid:
     """Pad ``feat_size`` to a multiple of ``grid`` (evenly on both sides) and size the windows.
 
-    Raises ``ValueError`` when a window would hold padding only (a token map too small for the grid).
+    Raises ``ValueError`` when a window would hold padding only (a token map that does not split
+    into the grid): it names the grids that fit the map and the map sizes that fit the grid.
     """
     feat_size, grid = tuple(int(s) for s in feat_size), tuple(int(g) for g in grid)
     if len(feat_size) != len(grid):
         raise ValueError(f"a grid of windows {grid} needs one entry per axis of the token map {feat_size}")
+    if min(grid) < 1:
+        raise ValueError(f"a grid of windows {grid} needs at least one window along each axis")
     padded = tuple(math.ceil(s / g) * g for s, g in zip(feat_size, grid))
     window = tuple(p // g for p, g in zip(padded, grid))
     pad_before = tuple((p - s) // 2 for p, s in zip(padded, feat_size))
-    for s, p, w, b, g in zip(feat_size, padded, window, pad_before, grid):
-        if b >= w or (p - s - b) >= w:
-            raise ValueError(
-                f"a token map of {'x'.join(map(str, feat_size))} is too small for a {'x'.join(map(str, grid))} "
-                f"grid of windows (some windows would hold padding only); use a larger image or "
-                f"fewer pooled tokens (at least {g} tokens are needed along each side)")
+    for s, g in zip(feat_size, grid):
+        if _fits(s, g):
+            continue
+        grids = [k for k in range(1, s + 1) if _fits(s, k)]
+        # map sizes that take g windows: the smallest few, then "n or more" once every size fits
+        sizes = [n for n in range(g, g * g + 2 * g + 1) if _fits(n, g)]
+        upto = next(n for n in range(sizes[-1], g - 1, -1) if not _fits(n - 1, g) or n == g)
+        few = [n for n in sizes if n < upto]
+        need = ", ".join(str(n) for n in few) + (", or " if few else "") + f"{upto} or more"
+        fmt = "x".join
+        k = max(k for k in grids if k <= g)
+        fit = [k if (gi == g and si == s) else gi for si, gi in zip(feat_size, grid)]
+        what = "is too small for" if s < g else "does not split into"
+        raise ValueError(
+            f"a token map of {fmt(map(str, feat_size))} {what} a {fmt(map(str, grid))} grid of windows: "
+            f"{g} windows over {s} tokens would leave some holding padding only. {s} tokens take {_ranges(grids)} "
+            f"windows; {g} windows need {need} tokens along each side. Pool fewer or more tokens (e.g. a "
+            f"{fmt(map(str, fit))} grid: {math.prod(fit)} tokens), or use another image size")
     return WindowGrid(feat_size, grid, padded, window, pad_before)
 
 
@@ -90,6 +123,13 @@ def window_membership_bias(geometry: WindowGrid) -> Tensor:
     return torch.zeros(G, N, device=index.device).masked_fill(~member, float("-inf"))
 
 
+def _placed(tensor: Tensor, device, dtype) -> Tensor:
+    """A geometry tensor (built on the CPU) on ``device``; floating ones in ``dtype`` when given."""
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
 class TokenScorer(nn.Module):
     """Scores every token of a map: 3x3 depthwise conv, LayerNorm, GELU, 1x1 conv to one channel.
 
@@ -98,16 +138,18 @@ class TokenScorer(nn.Module):
     fresh scorer gives equal weights (average pooling) until training moves it.
     """
 
-    def __init__(self, dim: int, feat_size: tuple[int, ...], *, norm_layer=nn.LayerNorm, act_layer=nn.GELU):
+    def __init__(self, dim: int, feat_size: tuple[int, ...], *, norm_layer=nn.LayerNorm, act_layer=nn.GELU,
+                 device=None, dtype=None):
         super().__init__()
         self.feat_size = tuple(feat_size)
         if len(self.feat_size) not in (2, 3):
             raise ValueError(f"feat_size {self.feat_size} must be (H, W) or (T, H, W)")
+        dd = dict(device=device, dtype=dtype)
         conv = nn.Conv2d if len(self.feat_size) == 2 else nn.Conv3d
-        self.conv = conv(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.norm = norm_layer(dim)
+        self.conv = conv(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.norm = norm_layer(dim, **dd)
         self.act = act_layer()
-        self.proj = nn.Linear(dim, 1, bias=False)
+        self.proj = nn.Linear(dim, 1, bias=False, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -142,6 +184,8 @@ class WindowPool(nn.Module):
             *,
             norm_layer=nn.LayerNorm,
             act_layer=nn.GELU,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if mode not in POOL_MODES:
@@ -149,11 +193,12 @@ class WindowPool(nn.Module):
         self.mode = mode
         self.geometry = window_grid(feat_size, grid)
         self.num_windows = math.prod(self.geometry.grid)
-        self.score = TokenScorer(dim, feat_size, norm_layer=norm_layer, act_layer=act_layer) \
-            if mode == "weighted" else None
-        device = torch.empty(0).device   # the device being built on (a `with torch.device(...)` block)
+        self.score = TokenScorer(dim, feat_size, norm_layer=norm_layer, act_layer=act_layer, device=device,
+                                 dtype=dtype) if mode == "weighted" else None
+        if device is None:
+            device = torch.empty(0).device   # the device being built on (a `with torch.device(...)` block)
         for name, tensor in self._geometry_buffers().items():
-            self.register_buffer(name, tensor.to(device), persistent=False)
+            self.register_buffer(name, _placed(tensor, device, dtype), persistent=False)
 
     def _geometry_buffers(self) -> dict[str, Tensor]:
         bias = window_membership_bias(self.geometry)                        # (G, N)
@@ -173,7 +218,8 @@ class WindowPool(nn.Module):
         """Recompute the geometry buffers in place (after ``to_empty`` from the meta device; timm's
         ``reinit_non_persistent_buffers`` calls this)."""
         for name, tensor in self._geometry_buffers().items():
-            setattr(self, name, tensor.to(getattr(self, name).device))
+            old = getattr(self, name)
+            setattr(self, name, _placed(tensor, old.device, old.dtype))
 
     @property
     def window_size(self) -> tuple[int, ...]:

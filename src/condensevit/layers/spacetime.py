@@ -47,7 +47,7 @@ class TubeletEmbed(nn.Module):
     """
 
     def __init__(self, *, img_size: tuple[int, int], num_frames: int, patch_size: int, tubelet_frames: int,
-                 in_chans: int, embed_dim: int, bias: bool = True):
+                 in_chans: int, embed_dim: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.img_size = tuple(img_size)
         self.num_frames = int(num_frames)
@@ -56,7 +56,7 @@ class TubeletEmbed(nn.Module):
         self.grid_size = (num_frames // tubelet_frames, img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_patches = math.prod(self.grid_size)
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.tubelet_size, stride=self.tubelet_size,
-                              bias=bias)
+                              bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).permute(0, 2, 3, 4, 1)
@@ -70,12 +70,14 @@ def resize_volume(x: Tensor, size: Tuple[int, int, int], antialias: bool = True)
     antialiases only 2-D resizes; the triangle filter is separable, so the volume is resized over
     (H, W) and then over T, each by an antialiased bilinear pass (an axis left at its size is
     unchanged by such a pass). Without ``antialias`` this is ``F.interpolate(mode='trilinear')``.
+    Computed in float32 and returned in the input's dtype.
     """
     B, C, T, H, W = x.shape
     t, h, w = size
+    # in float32, cast back: CPU kernels of these resizes lack bfloat16 / float16
     if not antialias:
-        return F.interpolate(x, size=[t, h, w], mode="trilinear", align_corners=False)
-    y = x
+        return F.interpolate(x.float(), size=[t, h, w], mode="trilinear", align_corners=False).to(x.dtype)
+    y = x.float()
     # an axis left at its size is unchanged by a pass: skipped when that is known (eager, static shapes)
     if not (known_equal(h, H) and known_equal(w, W)):
         y = F.interpolate(y.reshape(B, C * T, H, W), size=[h, w], mode="bilinear", align_corners=False,
@@ -83,7 +85,7 @@ def resize_volume(x: Tensor, size: Tuple[int, int, int], antialias: bool = True)
     if not known_equal(t, T):
         y = F.interpolate(y.reshape(B, C, T, h * w), size=[t, h * w], mode="bilinear", align_corners=False,
                           antialias=True).view(B, C, t, h, w)
-    return y
+    return y.to(x.dtype)
 
 
 def inflate_patch_embed(weight: Tensor, frames: int, mode: str = "central") -> Tensor:

@@ -10,6 +10,8 @@ neighbourhood into the flattened map; :func:`gather_neighbourhoods` then gathers
 tensor (typically keys and values, projected once per token) into (B, windows, k*k, ...).
 Positions outside the map point at one extra "pad" slot appended after the map's tokens, so the
 caller decides what padding is (for example the projection of a zero token).
+:func:`window_neighbourhood_index` is the same idea for maps of any rank (images or space-time
+volumes) with every neighbourhood kept inside the map, so no pad slot is needed.
 
 Every function is shape-generic: sizes may be ints or symbolic sizes (torch.fx, ``torch.export`` /
 ``torch.compile(dynamic=True)``), and masks and indices are built with tensor arithmetic only, never
@@ -17,6 +19,7 @@ with a Python branch on a size (:mod:`condensevit.layers.tracing`).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -27,7 +30,7 @@ from .tracing import known_zero
 
 __all__ = [
     "round_up", "window_partition", "window_reverse", "pad_to_multiple", "shifted_window_mask",
-    "neighbourhood_index", "gather_neighbourhoods",
+    "neighbourhood_index", "gather_neighbourhoods", "window_neighbourhood_index",
 ]
 
 
@@ -119,3 +122,39 @@ def gather_neighbourhoods(tokens: Tensor, index: Tensor, pad: Tensor) -> Tensor:
     ``pad``, broadcastable to (B, 1, ...), is what a position outside the map holds."""
     pad = pad.to(tokens.dtype).expand(tokens[:, :1].shape)
     return torch.cat([tokens, pad], dim=1)[:, index]
+
+
+def window_neighbourhood_index(
+        size: tuple[int, ...],
+        window: tuple[int, ...],
+        kernel: tuple[int, ...],
+        device=None,
+) -> Tensor:
+    """Indices of an enlarged neighbourhood around every window of a map of any rank.
+
+    The map (``size``: (H, W), or (T, H, W) for video) is cut into windows of ``window`` tokens
+    (the last window of an axis may reach past the map: ``ceil(size / window)`` windows per axis).
+    Each window's neighbourhood is a ``kernel`` block centred on the window and shifted to lie
+    inside the map (a kernel longer than the map is cut to the map). With a 14x14 map, 7x7 windows
+    and a 10x10 kernel this is the released STViT-R classifier's 10x10 stride-4 neighbourhoods.
+
+    Returns ``index`` (windows, prod(kernel)) into the map flattened row-major (last axis fastest),
+    windows in row-major order; every entry points at a real token.
+    """
+    if not len(size) == len(window) == len(kernel):
+        raise ValueError(f"size {size}, window {window} and kernel {kernel} need one entry per axis")
+    index = None
+    rank = len(size)
+    stride = 1
+    for d in reversed(range(rank)):
+        L, w, k = int(size[d]), int(window[d]), min(int(kernel[d]), int(size[d]))
+        n = -(-L // w)
+        start = (torch.arange(n, device=device) * w - (k - w) // 2).clamp(0, L - k)
+        coords = (start[:, None] + torch.arange(k, device=device)) * stride     # (windows along d, k)
+        shape = [1] * (2 * rank)
+        shape[d], shape[rank + d] = n, k
+        coords = coords.view(shape)
+        index = coords if index is None else index + coords
+        stride *= L
+    windows = index.shape[:rank]
+    return index.reshape(math.prod(windows), -1)

@@ -9,9 +9,11 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from timm.layers import get_device_dtype
 from timm.models import build_model_with_cfg
 
-__all__ = ["CheckpointError", "read_checkpoint", "build", "complete_state_dict", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "read_checkpoint", "build", "complete_state_dict", "unwrap_state_dict",
+           "new_classifier"]
 
 
 class CheckpointError(ValueError):
@@ -84,6 +86,23 @@ def _looks_like_safetensors(path: str) -> bool:
     return 0 < n < 100_000_000 and head[8:9] == b"{"
 
 
+def new_classifier(model: nn.Module, width: int, num_classes: int) -> nn.Module:
+    """A fresh linear classifier (``nn.Identity`` for ``num_classes=0``) for ``reset_classifier``:
+    on the model's device and dtype, in the model's train/eval mode, as timm's own models do."""
+    head = nn.Linear(width, num_classes, **get_device_dtype(model)) if num_classes > 0 else nn.Identity()
+    return head.train(model.training)
+
+
+def _first_conv_weights(model: nn.Module) -> set[str]:
+    """Weight names of the model's input convolution(s), as its traits / pretrained cfg name them
+    (timm's ``first_conv``, the layer ``load_pretrained`` adapts to ``in_chans``)."""
+    traits = getattr(model, "_traits", None) or {}
+    names = traits.get("first_conv", (getattr(model, "pretrained_cfg", None) or {}).get("first_conv"))
+    if not names:
+        return set()
+    return {f"{n}.weight" for n in ((names,) if isinstance(names, str) else names)}
+
+
 def complete_state_dict(
         state_dict: dict[str, torch.Tensor],
         model: nn.Module,
@@ -95,17 +114,34 @@ def complete_state_dict(
     """Check a converted state dict against the model and fill the parameters that the source
     cannot have (``new_keys``: fnmatch patterns, e.g. the scoring network) with the model's own
     initial values. Any other missing key, unexpected key or shape mismatch raises a
-    :class:`CheckpointError` that names them. A classifier of another size is dropped (the model
-    keeps its fresh one) when ``reinit_head`` names its prefix."""
+    :class:`CheckpointError` that names them.
+
+    With ``reinit_head`` (the prefix of the classifier; pretrained-weight loading) two adaptations
+    are left to timm, as for its own models:
+
+    * the classifier: a checkpoint classifier of another size, or one the model does not have
+      (``num_classes=0``), is dropped and the model keeps its own;
+    * the input convolution (``first_conv`` of the model's cfg): a weight that differs in its input
+      channels only passes unchanged; ``timm.models.load_pretrained`` adapts it to ``in_chans``
+      right after this filter (``adapt_input_conv``).
+
+    ``reinit_head=None`` asks for an exact fit: nothing is dropped or passed through."""
     target = model.state_dict()
     new_keys = tuple(new_keys)
+    first_conv = _first_conv_weights(model) if reinit_head else set()
     out = {}
     unexpected, mismatched, mismatched_keys = [], [], set()
     for k, v in state_dict.items():
+        is_head = bool(reinit_head) and k.startswith(reinit_head)
         if k not in target:
-            unexpected.append(k)
+            if not is_head:
+                unexpected.append(k)
         elif tuple(v.shape) != tuple(target[k].shape):
-            if reinit_head and k.startswith(reinit_head):
+            if is_head:
+                continue
+            if k in first_conv and v.dim() == target[k].dim() and v.shape[0] == target[k].shape[0] \
+                    and v.shape[2:] == target[k].shape[2:]:
+                out[k] = v   # other input channels: timm's loader adapts them to in_chans
                 continue
             mismatched_keys.add(k)
             mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}")
@@ -132,6 +168,33 @@ def complete_state_dict(
     return out
 
 
+def _keeping_a_fitting_classifier(filter_fn: Callable | None) -> Callable:
+    """``filter_fn`` that also tells timm's loader to keep a classifier that fits.
+
+    timm's ``load_pretrained`` drops the classifier whenever the model's ``num_classes`` differs
+    from the pretrained cfg's (1000 for ImageNet weights), even when the checkpoint holds a
+    K-class classifier and the model was asked for K classes: the head would be re-initialised
+    without a word. When every classifier tensor of the *filtered* state dict (so a classifier the
+    filter renamed, e.g. an original Swin's ``head`` -> ``head.fc``, counts) has the model's shape,
+    the (per-model copy of the) pretrained cfg is set to the model's class count, so it is loaded.
+    (A filter that completes the state dict fills a classifier of another size from the model's
+    own: keeping that is the same as timm's dropping it.)"""
+    def fn(state_dict, model):
+        out = filter_fn(state_dict, model) if filter_fn is not None else state_dict
+        cfg = getattr(model, "pretrained_cfg", None)
+        num_classes = getattr(model, "num_classes", 0)
+        classifiers = (cfg or {}).get("classifier")
+        if isinstance(cfg, dict) and classifiers and num_classes and cfg.get("num_classes") != num_classes:
+            view = out if filter_fn is not None else unwrap_state_dict(out)
+            own = model.state_dict()
+            names = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+            keys = [f"{c}.{p}" for c in names for p in ("weight", "bias") if f"{c}.{p}" in own]
+            if keys and all(k in view and tuple(view[k].shape) == tuple(own[k].shape) for k in keys):
+                cfg["num_classes"] = num_classes
+        return out
+    return fn
+
+
 def build(
         model_cls: Callable[..., nn.Module],
         variant: str,
@@ -151,7 +214,7 @@ def build(
     return build_model_with_cfg(
         model_cls, variant, pretrained,
         pretrained_cfg_overlay=overlay or None,
-        pretrained_filter_fn=filter_fn,
+        pretrained_filter_fn=_keeping_a_fitting_classifier(filter_fn),
         feature_cfg=feature_cfg,
         **kwargs,
     )

@@ -1,6 +1,7 @@
 """LookupViT: compressing visual information to a limited number of tokens (Koner et al., ECCV 2024).
 
-No code from the authors; the block follows ``DESIGN.md`` ("LookupViT"). Two token streams:
+No code from the authors; the block is our reading of the paper, set out with every choice in
+docs/models.md ("LookupViT"). Two token streams:
 
 * **lookup tokens** — the full patch grid (N = H_p x W_p tokens). They only get cheap layers: the
   scatter (cross-attention from the compressed tokens) and an MLP of reduced width.
@@ -32,9 +33,12 @@ Choices the paper leaves open (each documented where it is made; named options w
   tokens' embedding along. The resize is antialiased by default (``resize_antialias``), so each
   compressed token averages its whole cell instead of sampling four pixels.
 * With ``pool='compressed'`` the last block's scatter and lookup MLP cannot change the logits, so
-  ``forward_features`` skips them (about 3% of the MACs of LookupViT-B at 5x5); those parameters
-  get no gradient in classification training (DDP needs ``find_unused_parameters`` or
-  ``static_graph``). ``forward_intermediates`` and ``pool='both'`` run them.
+  ``forward_features`` skips them (about 3% of the MACs of LookupViT-B at 5x5) and they are not
+  built (``last_lookup_update=None``): every parameter gets a gradient, DDP needs no
+  ``find_unused_parameters``. The last block then leaves the lookup tokens as they are.
+  ``pool='both'`` and ``features_only=True`` (the last lookup map is a feature) build and run them;
+  a checkpoint that has them loads into a model without (they are dropped) and the other way round
+  (they start from the init, as from a ViT).
 * Init: truncated normal (std 0.02) for every linear layer and the position embedding, zero
   biases, LayerNorms at (1, 0) — timm's ViT default.
 * Training grids: one grid per forward call in train mode, drawn from ``train_grids`` by a Python
@@ -44,6 +48,7 @@ Choices the paper leaves open (each documented where it is made; named options w
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
 import random
@@ -53,10 +58,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed_nhwc, resample_patch_embed, trunc_normal_
-from timm.models import adapt_input_conv, generate_default_cfgs, register_model
+from timm.layers import (
+    DropPath, Mlp, PatchEmbed, get_device_dtype, resample_abs_pos_embed_nhwc, resample_patch_embed, trunc_normal_,
+)
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
+from timm.models._input import update_model_args
 from timm.models.vision_transformer import Block
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -64,7 +72,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.attention import split_qkv
 from ..layers.bidirectional import BidirectionalCrossAttention
 from ..layers.tracing import is_fx_proxy, known_equal, shape_str
-from ._builder import CheckpointError, build, complete_state_dict
+from ._builder import CheckpointError, build, complete_state_dict, new_classifier
 
 __all__ = ["LookupViT", "LookupViTBlock", "checkpoint_filter_fn"]
 
@@ -140,7 +148,11 @@ def _resize_pos_embed(pos: Tensor, grid: Tuple[int, int]) -> Tensor:
 
 
 class LookupViTBlock(nn.Module):
-    """One LookupViT layer: gather, compressed ViT block, scatter (same logits), lookup MLP."""
+    """One LookupViT layer: gather, compressed ViT block, scatter (same logits), lookup MLP.
+
+    ``lookup_update=False`` builds the gather and the compressed block only (steps 1-2): the
+    block then leaves the lookup tokens as they are (for the last block of a model whose output
+    never reads them; :meth:`add_lookup_update` builds steps 3-4 later)."""
 
     def __init__(
             self,
@@ -155,29 +167,52 @@ class LookupViTBlock(nn.Module):
             drop_path: float = 0.0,
             norm_layer=None,
             act_layer=nn.GELU,
+            lookup_update: bool = True,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         norm_layer = norm_layer or _LayerNorm
-        self.gather_norm_q = norm_layer(dim)     # compressed tokens, as queries
-        self.gather_norm_kv = norm_layer(dim)    # lookup tokens, one norm shared by keys and values
+        self.lookup_hidden = max(1, int(dim * lookup_mlp_ratio))
+        self.gather_norm_q = norm_layer(dim, **dd)     # compressed tokens, as queries
+        self.gather_norm_kv = norm_layer(dim, **dd)    # lookup tokens, one norm shared by keys and values
         self.mhbc = BidirectionalCrossAttention(
-            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, scatter=False, **dd)
         self.compressed = Block(
             dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-            attn_drop=attn_drop, drop_path=drop_path, norm_layer=norm_layer, act_layer=act_layer)
-        self.scatter_norm = norm_layer(dim)      # refined compressed tokens, as the scatter's values
-        self.lookup_norm = norm_layer(dim)
-        self.lookup_mlp = Mlp(dim, max(1, int(dim * lookup_mlp_ratio)), act_layer=act_layer, drop=proj_drop)
+            attn_drop=attn_drop, drop_path=drop_path, norm_layer=norm_layer, act_layer=act_layer, **dd)
+        self.lookup_update = False
+        self.scatter_norm = self.lookup_norm = self.lookup_mlp = None
+        if lookup_update:
+            self.add_lookup_update(**dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def add_lookup_update(self, device=None, dtype=None) -> None:
+        """Build steps 3-4 (scatter and lookup MLP), PyTorch's default init (the model re-inits)."""
+        dd = dict(device=device, dtype=dtype)
+        like = self.gather_norm_q   # the block's norm layer and settings, from the modules it holds
+        dim = like.normalized_shape[0]
+        self.mhbc.add_scatter(**dd)
+        self.scatter_norm = type(like)(dim, eps=like.eps, **dd)   # refined compressed tokens, as scatter values
+        self.lookup_norm = type(like)(dim, eps=like.eps, **dd)
+        mlp = self.compressed.mlp
+        self.lookup_mlp = Mlp(dim, self.lookup_hidden, act_layer=type(mlp.act), drop=mlp.drop1.p, **dd)
+        self.lookup_update = True
+
     def forward(self, compressed: Tensor, lookup: Tensor, update_lookup: bool = True, return_attn: bool = False):
-        """(B, M, C), (B, N, C) -> the same two, updated. ``update_lookup=False`` skips steps 3-4
-        (the lookup tokens come back unchanged). ``return_attn`` (eager mode) also returns the gather
-        (B, heads, M, N) and scatter (B, heads, N, M) probabilities (None when the scatter is skipped)."""
+        """(B, M, C), (B, N, C) -> the same two, updated. ``update_lookup=False`` (or a block built
+        without the lookup update) skips steps 3-4: the lookup tokens come back unchanged.
+        ``return_attn`` (eager mode) also returns the gather (B, heads, M, N) and scatter (B, heads, N, M)
+        probabilities (None when the scatter is skipped; the logits' softmax over M in a block
+        without a lookup update)."""
         gathered, logits, gather_attn = self.mhbc._gather(self.gather_norm_q(compressed), self.gather_norm_kv(lookup))
         compressed = self.compressed(compressed + self.drop_path(gathered))
         scatter_attn: Optional[Tensor] = None
-        if update_lookup:
+        if return_attn and update_lookup and not self.lookup_update:
+            scatter_attn = logits.softmax(dim=-2).transpose(-2, -1)   # what the scatter would read
+        # scatter_norm is None in a block built without the lookup update (a static check for TorchScript)
+        if update_lookup and self.scatter_norm is not None:
             scattered, scatter_attn = self.mhbc._scatter(logits, self.scatter_norm(compressed))
             lookup = lookup + self.drop_path(scattered)
             lookup = lookup + self.drop_path(self.lookup_mlp(self.lookup_norm(lookup)))
@@ -206,6 +241,8 @@ class LookupViT(nn.Module):
             train_grids: Sequence[tuple[int, int]] = (),
             train_grid_seed: int = 0,
             pool: str = "compressed",
+            global_pool: str = "avg",
+            last_lookup_update: bool | None = None,
             qkv_bias: bool = True,
             drop_rate: float = 0.0,
             proj_drop_rate: float = 0.0,
@@ -213,6 +250,8 @@ class LookupViT(nn.Module):
             drop_path_rate: float = 0.0,
             dynamic_img_size: bool = False,
             resize_antialias: bool = True,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -222,21 +261,30 @@ class LookupViT(nn.Module):
                 ``compressed_grid``); e.g. ``((3, 3), (5, 5), (7, 7), (10, 10))``.
             train_grid_seed: seed of the Python RNG that samples ``train_grids``.
             lookup_mlp_ratio: hidden width of the lookup tokens' MLP, as a fraction of ``embed_dim``.
-            pool: 'compressed' (mean of the compressed tokens) or 'both' (mean of all tokens of
-                both streams) before the classifier.
+            pool: the tokens the head reads: 'compressed' (the compressed tokens) or 'both' (all
+                tokens of both streams).
+            global_pool: timm's pooling choice: 'avg' (the mean of those tokens) or '' (none: the
+                head sees every token); 'compressed' / 'both' are read as ``pool`` (averaged).
+            last_lookup_update: build the last block's scatter and lookup MLP. None (default): only
+                when the head reads the lookup tokens (``pool='both'``); with 'compressed' they
+                could not reach the output (parameters without a gradient). ``features_only=True``
+                builds them (the last lookup map is a feature). Without them the last block leaves
+                the lookup tokens as they are.
             dynamic_img_size: accept other image sizes (position embedding resampled for that
                 call); otherwise an input of another size is a ValueError.
             resize_antialias: antialiased bilinear resize when making the compressed tokens.
+            device, dtype: where and in which precision parameters are created (timm's factory
+                keywords; ``device='meta'``, then ``to_empty`` and ``init_weights()``).
         """
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        pool, global_pool = _resolve_pool(pool, global_pool)
         img_size = _as_grid(img_size, "img_size")
         if not isinstance(patch_size, numbers.Integral) or patch_size < 1:
             raise ValueError(f"patch_size={patch_size!r} must be a positive int")
         if img_size[0] % patch_size or img_size[1] % patch_size:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}; use a multiple of {patch_size}")
-        if pool not in POOLS:
-            raise ValueError(f"pool={pool!r} must be one of {POOLS}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.num_classes = num_classes
@@ -245,7 +293,7 @@ class LookupViT(nn.Module):
         self.in_chans = in_chans
         self.img_size = img_size
         self.patch_size = int(patch_size)
-        self.pool = pool
+        self.pool, self.global_pool = pool, global_pool
         self.dynamic_img_size = dynamic_img_size
         self.resize_antialias = resize_antialias
         self.grad_checkpointing = False
@@ -264,20 +312,22 @@ class LookupViT(nn.Module):
         # strict size checks are ours (ValueErrors), so the patch embedding accepts any multiple
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            output_fmt="NHWC", strict_img_size=False)
+            output_fmt="NHWC", strict_img_size=False, **dd)
         # (1, H_p, W_p, C): the grid is explicit, so non-square images need no guessing
-        self.pos_embed = nn.Parameter(torch.zeros(1, *lookup_grid, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, *lookup_grid, embed_dim, **dd))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic depth
+        last_update = pool == "both" if last_lookup_update is None else bool(last_lookup_update)
         self.blocks = nn.ModuleList([
             LookupViTBlock(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, lookup_mlp_ratio=lookup_mlp_ratio,
-                qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i])
+                qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                lookup_update=i < depth - 1 or last_update, **dd)
             for i in range(depth)])
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
-        self.norm = _LayerNorm(embed_dim)
+        self.norm = _LayerNorm(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
@@ -288,6 +338,14 @@ class LookupViT(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter (also after ``to_empty`` from the meta device)."""
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.Conv2d)):
+                m.reset_parameters()
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(self._init_weights)
 
     # ---- timm contract -------------------------------------------------------------------------
     @torch.jit.ignore
@@ -307,13 +365,17 @@ class LookupViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        """New classifier of ``num_classes`` (0: none); ``global_pool`` 'compressed' or 'both' (None keeps)."""
+        """New classifier of ``num_classes`` (0: none) on the model's device, dtype and mode.
+        ``global_pool``: 'avg' / '' (average the tokens or not), 'compressed' / 'both' (which
+        tokens, averaged; 'both' builds the last block's lookup update if it was left out);
+        None keeps the current choice."""
         if global_pool is not None:
-            if global_pool not in POOLS:
-                raise ValueError(f"global_pool={global_pool!r} must be one of {POOLS} (or None to keep {self.pool!r})")
-            self.pool = global_pool
+            self.pool, self.global_pool = _resolve_pool(self.pool, global_pool, current=self.global_pool)
+            if self.pool == "both":
+                _ensure_lookup_update(self, self.blocks[-1], self._init_weights)
+            update_model_args(self, pool=self.pool)   # timm's export rebuilds the model as it is now
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.embed_dim, num_classes)
 
     # ---- streams -------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tuple[int, int]:
@@ -352,9 +414,10 @@ class LookupViT(nn.Module):
             pos = _resize_pos_embed(pos, lookup_grid)
         x = x + pos
         B, H, W, C = x.shape
+        # in float32: CPU kernels of the antialiased resize lack bfloat16 / float16
         compressed = F.interpolate(
-            x.permute(0, 3, 1, 2), size=[grid[0], grid[1]], mode="bilinear", align_corners=False,
-            antialias=self.resize_antialias)
+            x.permute(0, 3, 1, 2).float(), size=[grid[0], grid[1]], mode="bilinear", align_corners=False,
+            antialias=self.resize_antialias).to(x.dtype)
         return compressed.flatten(2).transpose(1, 2), x.reshape(B, H * W, C), lookup_grid
 
     def _run_block(self, blk: LookupViTBlock, c: Tensor, l: Tensor, update_lookup: bool):
@@ -380,7 +443,9 @@ class LookupViT(nn.Module):
         return self._pooled_tokens(c, l)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(x.mean(dim=1))
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor, compressed_grid: Optional[Tuple[int, int]] = None) -> Tensor:
@@ -468,6 +533,27 @@ class LookupViT(nn.Module):
         }
 
 
+def _resolve_pool(pool: str, global_pool: str, current: str = "avg") -> tuple[str, str]:
+    """(pool, global_pool) from a ``pool`` and timm's ``global_pool`` ('avg', '', or a pool name)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r} must be one of {POOLS}")
+    if global_pool in POOLS:
+        return global_pool, current
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r} must be 'avg' (the mean of the tokens `pool` names), '' (no "
+                         f"pooling) or one of {POOLS} (those tokens, averaged)")
+    return pool, global_pool
+
+
+def _ensure_lookup_update(model: nn.Module, block: LookupViTBlock, init) -> None:
+    """Build a block's lookup update (steps 3-4) on the model's device and dtype when it lacks it."""
+    if not block.lookup_update:
+        block.add_lookup_update(**get_device_dtype(model))
+        for m in (block.mhbc.scatter_v, block.mhbc.scatter_proj, block.lookup_mlp):
+            m.apply(init)
+        block.train(model.training)
+
+
 # ---- pretrained weights -------------------------------------------------------------------------
 # parameters that a ViT checkpoint cannot provide: they keep the model's own initial values
 LOOKUP_ONLY_KEYS = (
@@ -508,13 +594,21 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: LookupViT) -> dic
     ``kv`` from the rest, ``gather_proj`` from ``attn.proj``, both gather norms from ``norm1``
     (the ViT's attention read ``norm1`` of its tokens). The final norm and the classifier map as
     they are. The scatter and the lookup MLP (``LOOKUP_ONLY_KEYS``) keep their initial values.
-    Anything else (another family, another size) raises a :class:`CheckpointError` naming the keys.
+
+    From a LookupViT: as it is, the position embedding resampled. The last block's lookup update
+    follows the model: dropped when the model left it out (nothing reads it), initialised when
+    the checkpoint's model left it out. A patch embedding for other input channels passes to
+    timm's loader, which adapts it to ``in_chans``. Anything else (another family, another size)
+    raises a :class:`CheckpointError` naming the keys.
     """
     sd = dict(state_dict)
     if any(k.startswith("blocks.") and ".mhbc." in k for k in sd):   # already a LookupViT
         if "pos_embed" in sd:
             sd["pos_embed"] = _resample_pos(sd["pos_embed"], model)
-        return complete_state_dict(sd, model, source="the LookupViT checkpoint")
+        last = [p.replace("blocks.*.", f"blocks.{len(model.blocks) - 1}.") for p in LOOKUP_ONLY_KEYS]
+        own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if k in own or not any(fnmatch.fnmatchcase(k, p) for p in last)}
+        return complete_state_dict(sd, model, new_keys=last, source="the LookupViT checkpoint")
 
     out: dict[str, Tensor] = {}
     num_prefix = int("cls_token" in sd) + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
@@ -528,12 +622,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: LookupViT) -> dic
                 v = _pos_embed_grid(v, num_prefix)
             out[k] = _resample_pos(v, model)
         elif k == "patch_embed.proj.weight":
-            _, in_chans, kh, kw = model.patch_embed.proj.weight.shape
+            kh, kw = model.patch_embed.proj.weight.shape[-2:]
             if v.dim() == 4 and tuple(v.shape[-2:]) != (kh, kw):
                 v = resample_patch_embed(v, [kh, kw])
-            if v.dim() == 4 and v.shape[1] != in_chans:  # e.g. grey images: timm's channel adaptation
-                v = adapt_input_conv(in_chans, v, base_chans=v.shape[1])
-            out[k] = v
+            out[k] = v   # other input channels (grey images): timm's loader adapts them after this filter
         elif k.startswith("blocks."):
             _, idx, rest = k.split(".", 2)
             pre = f"blocks.{idx}."
@@ -583,12 +675,16 @@ default_cfgs = generate_default_cfgs({
         "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"),
     "lookupvit_base_patch16_224.from_vit_augreg2_in21k_ft_in1k": _cfg(
         "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    "test_lookupvit": _cfg(None, input_size=(3, 96, 96), notes=(
+        "a small untrained variant for fast generic tests (timm's test_* convention); no weights",)),
 })
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> LookupViT:
     # features_only: the lookup stream after the last 4 blocks unless out_indices says otherwise
     out_indices = kwargs.pop("out_indices", 4)
+    if kwargs.get("features_only"):
+        kwargs.setdefault("last_lookup_update", True)   # the last block's lookup map is a feature
     return build(LookupViT, variant, pretrained, filter_fn=checkpoint_filter_fn,
                  feature_cfg=dict(out_indices=out_indices), **kwargs)
 
@@ -612,3 +708,10 @@ def lookupvit_base_patch16_224(pretrained: bool = False, **kwargs) -> LookupViT:
     """LookupViT with ViT-B/16 widths (768, 12 layers, 12 heads), 5x5 compressed tokens by default."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create("lookupvit_base_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_lookupvit(pretrained: bool = False, **kwargs) -> LookupViT:
+    """A small LookupViT for fast tests (96x96 input, width 64, 4 layers, 3x3 compressed tokens)."""
+    args = dict(img_size=96, patch_size=16, embed_dim=64, depth=4, num_heads=2, compressed_grid=(3, 3))
+    return _create("test_lookupvit", pretrained, **dict(args, **kwargs))

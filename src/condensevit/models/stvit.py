@@ -1,8 +1,8 @@
 """STViT, global form, on DeiT.
 
 "Making Vision Transformers Efficient from A Token Sparsification View" (Chang et al., CVPR 2023).
-The authors released only the Swin-based STViT-R; this global form follows the structure given in
-``DESIGN.md`` (section "STViT, global form (on DeiT)"). For the default 12-layer model:
+The authors released only the Swin-based STViT-R; this global form follows the paper's description,
+set out with every choice in docs/models.md ("STViT, global form"). For the default 12-layer model:
 
 1. patch embedding and learned position embedding give the image tokens X (no class token);
 2. layers 1-4 (``blocks.0-3``): ordinary pre-norm ViT blocks on X;
@@ -44,13 +44,13 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
-from timm.models._manipulate import checkpoint, named_apply
+from timm.models._manipulate import checkpoint, named_apply, reinit_non_persistent_buffers
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..layers.attention import CrossAttention, split_qkv
 from ..layers.pooling import POOL_MODES, WindowPool
 from ..layers.tracing import shape_str
-from ._builder import CheckpointError, build, complete_state_dict, unwrap_state_dict
+from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
 
 __all__ = ["STViT", "SemanticTokenBlock", "STGMSchedule", "checkpoint_filter_fn"]
 
@@ -77,14 +77,17 @@ class SemanticTokenBlock(nn.Module):
             drop_path: float = 0.0,
             norm_layer=LayerNorm,
             act_layer=nn.GELU,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.attend_to_semantic = attend_to_semantic
-        self.norm1 = norm_layer(dim)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, semantic: Tensor, image: Tensor, query_offset: Optional[Tensor] = None,
@@ -195,6 +198,9 @@ class STViT(STGMSchedule, nn.Module):
         global_centers: add learned global centres G to the query of the first second-kind layer;
             only used (and only created) when ``stgm_depth >= 2``.
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: regularisation.
+        device, dtype: where and in which precision parameters and buffers are created (timm's
+            factory keywords; ``device='meta'`` builds without memory: ``to_empty`` then
+            ``init_weights()`` materialises it).
     """
 
     def __init__(
@@ -220,8 +226,11 @@ class STViT(STGMSchedule, nn.Module):
             proj_drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         img_size = to_2tuple(img_size)
         _check_args(img_size, patch_size, global_pool, embed_dim, depth, num_heads,
                     num_semantic_tokens, stgm_start, stgm_depth, center_pool)
@@ -238,27 +247,28 @@ class STViT(STGMSchedule, nn.Module):
         self.stgm_end = stgm_start + stgm_depth
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      **dd)
         self.grid_size = self.patch_embed.grid_size
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         # raises a ValueError when the token map is too small for the window grid
         self.center_pool = WindowPool(embed_dim, self.grid_size, self.semantic_grid, center_pool,
-                                      norm_layer=norm_layer, act_layer=act_layer)
-        self.global_centers = nn.Parameter(torch.zeros(1, num_semantic_tokens, embed_dim)) \
+                                      norm_layer=norm_layer, act_layer=act_layer, **dd)
+        self.global_centers = nn.Parameter(torch.zeros(1, num_semantic_tokens, embed_dim, **dd)) \
             if global_centers and stgm_depth >= 2 else None
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth, linear
         common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                      norm_layer=norm_layer, act_layer=act_layer)
+                      norm_layer=norm_layer, act_layer=act_layer, **dd)
         self.blocks = nn.ModuleList([
             SemanticTokenBlock(embed_dim, num_heads, attend_to_semantic=i > stgm_start, drop_path=dpr[i], **common)
             if stgm_start <= i < self.stgm_end else
             Block(embed_dim, num_heads, drop_path=dpr[i], **common)
             for i in range(depth)])
-        self.norm = norm_layer(embed_dim)
+        self.norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         window_px = max(self.center_pool.window_size) * patch_size
         self.feature_info = [
@@ -268,10 +278,12 @@ class STViT(STGMSchedule, nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
+        """(Re)initialise every parameter and the computed buffers (also after ``to_empty``)."""
         named_apply(init_weights_vit_timm, self)   # Linear: trunc-normal(.02); scorer: its own init
         trunc_normal_(self.pos_embed, std=0.02)
         if self.global_centers is not None:
             trunc_normal_(self.global_centers, std=0.02)
+        reinit_non_persistent_buffers(self)
 
     # ----------------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
@@ -402,8 +414,7 @@ class STViT(STGMSchedule, nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool {global_pool!r} is not supported; use 'avg' or ''")
             self.global_pool = global_pool
-        dd = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
-        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.embed_dim, num_classes)
 
 
 def _check_args(img_size, patch_size, global_pool, embed_dim, depth, num_heads,
@@ -515,11 +526,13 @@ def _cfg(deit: str, **kwargs) -> dict:
     }
 
 
+_TEST_NOTE = ("a small untrained variant for fast generic tests (timm's test_* convention); no weights",)
 # the tag names the weights' origin: DeiT's, converted; fine-tune before use
 default_cfgs = generate_default_cfgs({
     "stvit_deit_tiny_patch16_224.fb_in1k_deit": _cfg("deit_tiny_patch16_224"),
     "stvit_deit_small_patch16_224.fb_in1k_deit": _cfg("deit_small_patch16_224"),
     "stvit_deit_base_patch16_224.fb_in1k_deit": _cfg("deit_base_patch16_224"),
+    "test_stvit": _cfg("", hf_hub_id=None, input_size=(3, 96, 96), notes=_TEST_NOTE),
 })
 
 
@@ -551,3 +564,10 @@ def stvit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> STViT:
     """STViT on DeiT-B: 16 semantic tokens from layer 5 on."""
     return _create_stvit("stvit_deit_base_patch16_224", pretrained,
                          **dict(dict(embed_dim=768, depth=12, num_heads=12), **kwargs))
+
+
+@register_model
+def test_stvit(pretrained: bool = False, **kwargs) -> STViT:
+    """A small STViT for fast tests (96x96 input, width 64, 6 layers, 9 semantic tokens from layer 3)."""
+    return _create_stvit("test_stvit", pretrained, **dict(dict(
+        img_size=96, embed_dim=64, depth=6, num_heads=2, num_semantic_tokens=9, stgm_start=2), **kwargs))

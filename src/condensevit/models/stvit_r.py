@@ -61,6 +61,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
+from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -70,7 +71,7 @@ from ..layers.windows import (
     gather_neighbourhoods, neighbourhood_index, pad_to_multiple, round_up, shifted_window_mask, window_partition,
     window_reverse,
 )
-from ._builder import CheckpointError, build, complete_state_dict, unwrap_state_dict
+from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
 
 __all__ = ["STViTR", "checkpoint_filter_fn"]
 
@@ -85,10 +86,12 @@ _PADDING_MASKS = ("released", "full", "none")
 class ConvBN(nn.Sequential):
     """Convolution without bias followed by BatchNorm (names ``c``, ``bn`` as released)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 2, padding: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 2, padding: int = 1,
+                 device=None, dtype=None):
         super().__init__()
-        self.add_module("c", nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=False))
-        self.add_module("bn", nn.BatchNorm2d(out_chs))
+        dd = dict(device=device, dtype=dtype)
+        self.add_module("c", nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=False, **dd))
+        self.add_module("bn", nn.BatchNorm2d(out_chs, **dd))
 
 
 class ConvStem(nn.Module):
@@ -96,11 +99,13 @@ class ConvStem(nn.Module):
     channels-last map (B, H/4, W/4, C). With ``pad`` the input is zero-padded (bottom/right) to
     a multiple of 4 first, as the dense backbone does."""
 
-    def __init__(self, in_chans: int, embed_dim: int, pad: bool):
+    def __init__(self, in_chans: int, embed_dim: int, pad: bool, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.pad = pad
         self.proj = nn.Sequential(
-            ConvBN(in_chans, embed_dim // 2), nn.Hardswish(), ConvBN(embed_dim // 2, embed_dim), nn.Hardswish())
+            ConvBN(in_chans, embed_dim // 2, **dd), nn.Hardswish(), ConvBN(embed_dim // 2, embed_dim, **dd),
+            nn.Hardswish())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pad:
@@ -114,20 +119,31 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with Swin's relative position bias (fused)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.window_size = window_size
         self.attn_drop = attn_drop
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
-        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window_size - 1) + rel[..., 1],
-                             persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
+        self.register_buffer("relative_position_index", self._relative_position_index(device), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _relative_position_index(self, device=None) -> Tensor:
+        ws = self.window_size
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        return (rel[..., 0] * (2 * ws - 1) + rel[..., 1]).to(device)
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the index (after ``to_empty``; timm's ``reinit_non_persistent_buffers`` calls this)."""
+        self.relative_position_index = self._relative_position_index(self.relative_position_index.device)
 
     def relative_position_bias(self) -> Tensor:
         """(1, heads, N, N)."""
@@ -153,15 +169,16 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0):
+                 attn_drop: float = 0.0, drop_path: float = 0.0, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.window_size = window_size
         self.shift_size = shift_size
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
+        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
 
     def forward(self, x: Tensor, shift_mask: Optional[Tensor] = None) -> Tensor:
         B, H, W, C = x.shape
@@ -182,10 +199,10 @@ class PatchMerging(nn.Module):
     """2x2 neighbouring tokens concatenated (Swin's order), LayerNorm, linear 4C -> 2C. Odd sides
     are zero-padded."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim, device=device, dtype=dtype)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
@@ -219,17 +236,18 @@ class SwinStage(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
                  qkv_bias: bool, proj_drop: float, attn_drop: float, drop_path: list[float],
-                 downsample: bool, resolution: tuple[int, int] | None = None):
+                 downsample: bool, resolution: tuple[int, int] | None = None, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         shift = window_size // 2
         if resolution is not None and min(resolution) <= window_size:
             window_size, shift = min(resolution), 0
         self.window_size, self.shift_size = window_size, shift
         self.blocks = nn.ModuleList([
             SwinBlock(dim, num_heads, window_size, shift if i % 2 else 0, mlp_ratio, qkv_bias,
-                      proj_drop, attn_drop, drop_path[i])
+                      proj_drop, attn_drop, drop_path[i], **dd)
             for i in range(depth)])
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = PatchMerging(dim, **dd) if downsample else None
         self.grad_checkpointing = False
         self._masks: dict = {}
 
@@ -272,15 +290,21 @@ class _LayerScaleBlock(nn.Module):
     """Pre-norm attention + MLP with LayerScale (init 1e-5), the released names."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, proj_drop: float,
-                 attn_drop: float, drop_path: float, layer_scale_init: float = 1e-5):
+                 attn_drop: float, drop_path: float, layer_scale_init: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        dd = dict(device=device, dtype=dtype)
+        self.layer_scale_init = layer_scale_init
+        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.layer_scale_1 = nn.Parameter(layer_scale_init * torch.ones(dim))
-        self.layer_scale_2 = nn.Parameter(layer_scale_init * torch.ones(dim))
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init, **dd))
+        self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init, **dd))
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.layer_scale_1, self.layer_scale_init)
+        nn.init.constant_(self.layer_scale_2, self.layer_scale_init)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
         return x + self.drop_path(self.layer_scale_2 * self.mlp(self.norm2(x)))
@@ -478,8 +502,9 @@ class DumbbellStage(nn.Module):
                  qkv_bias: bool, proj_drop: float, attn_drop: float, drop_path: list[float], *,
                  dense: bool, semantic_size: int, semantic_kernel: int, semantic_stride: int,
                  refine_kernel: int, recovery_kernel: int, semantic_shortcut: bool,
-                 padding_mask: str, global_centers: int):
+                 padding_mask: str, global_centers: int, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.dense = dense
         self.window_size = window_size
         self.semantic_size = semantic_size
@@ -491,24 +516,30 @@ class DumbbellStage(nn.Module):
         for u in range(depth // 6):
             dp = drop_path[6 * u:6 * u + 6]
             blocks += [
-                SwinBlock(dim, num_heads, window_size, 0, mlp_ratio, qkv_bias, proj_drop, attn_drop, dp[0]),
+                SwinBlock(dim, num_heads, window_size, 0, mlp_ratio, qkv_bias, proj_drop, attn_drop, dp[0], **dd),
                 SemanticTokenBlock(*common, dp[1], window_size=window_size, semantic_size=semantic_size,
-                                   shortcut=semantic_shortcut, pooled_keys=not dense, padded=dense),
+                                   shortcut=semantic_shortcut, pooled_keys=not dense, padded=dense, **dd),
                 SemanticTokenBlock(*common, dp[2], window_size=window_size, semantic_size=semantic_size,
-                                   shortcut=True, pooled_keys=False, padded=True) if dense else SemanticBlock(*common, dp[2]),
-                SemanticBlock(*common, dp[3], local_window=semantic_size),
-                SemanticBlock(*common, dp[4]),
-                RecoveryBlock(*common, dp[5], window_size=window_size) if dense else SemanticBlock(*common, dp[5]),
+                                   shortcut=True, pooled_keys=False, padded=True, **dd) if dense
+                else SemanticBlock(*common, dp[2], **dd),
+                SemanticBlock(*common, dp[3], local_window=semantic_size, **dd),
+                SemanticBlock(*common, dp[4], **dd),
+                RecoveryBlock(*common, dp[5], window_size=window_size, **dd) if dense
+                else SemanticBlock(*common, dp[5], **dd),
             ]
         self.blocks = nn.ModuleList(blocks)
         if global_centers:
-            self.global_centers = nn.Parameter(torch.zeros(1, global_centers, dim))
+            self.global_centers = nn.Parameter(torch.zeros(1, global_centers, dim, **dd))
             trunc_normal_(self.global_centers, std=0.02)
         else:
             self.global_centers = None
-        self.downsample = PatchMerging(dim)
+        self.downsample = PatchMerging(dim, **dd)
         self.grad_checkpointing = False
         self._geometry: dict = {}
+
+    def init_weights(self) -> None:
+        if self.global_centers is not None:
+            trunc_normal_(self.global_centers, std=0.02)
 
     @property
     def num_units(self) -> int:
@@ -654,9 +685,22 @@ class STViTR(nn.Module):
         use_global_centers: classification form: learned global cluster centres added to the
             query of the second semantic block of the first unit (released: off).
         padding_mask: dense form, 'released' | 'full' | 'none' (module docstring).
+        stage_norms: dense form: build the released per-stage output norms ``norm0..norm2`` of
+            the feature maps (``norm3``, the last one, is also the final norm and always there).
+            None (default): when the model has no classifier (``num_classes=0``, the backbone's
+            default; ``features_only=True`` builds them too): a classifier's logits read the last
+            stage only, so in a model with a head they would be parameters without a gradient.
+            Without them, ``forward_intermediates`` gives stages 0-2 unnormalised.
         drop_path_rate: stochastic depth (the authors trained with T 0.2, S 0.3, B 0.4;
             dense S 0.2, B 0.3); 0 by default here.
+        device, dtype: where and in which precision parameters and buffers are created (timm's
+            factory keywords; ``device='meta'`` builds without memory: ``to_empty`` then
+            ``init_weights()`` materialises it).
+
+    ``forward_features`` gives the channels-last map (B, H/32, W/32, C), as timm's Swin
+    (``output_fmt = 'NHWC'``); ``forward_head`` averages it over (H, W) (``global_pool='avg'``).
     """
+    output_fmt = "NHWC"
 
     def __init__(
             self,
@@ -684,8 +728,12 @@ class STViTR(nn.Module):
             semantic_shortcut: bool | None = None,
             use_global_centers: bool = False,
             padding_mask: str = "released",
+            stage_norms: bool | None = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if patch_size != 4:
             raise ValueError(f"patch_size must be 4 (the convolutional stem has two stride-2 convolutions), got {patch_size}")
@@ -743,7 +791,7 @@ class STViTR(nn.Module):
             H3, W3 = resolutions[2]
             n_global = (H3 // window_size) * (W3 // window_size) * semantic_size ** 2
 
-        self.patch_embed = ConvStem(in_chans, embed_dim, pad=dense)
+        self.patch_embed = ConvStem(in_chans, embed_dim, pad=dense, **dd)
         total = sum(depths)  # stochastic depth rising linearly over all blocks (plain floats: meta-device friendly)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.layers = nn.ModuleList()
@@ -756,19 +804,32 @@ class STViTR(nn.Module):
                     *common, dense=dense, semantic_size=semantic_size, semantic_kernel=semantic_kernel,
                     semantic_stride=semantic_stride, refine_kernel=refine_kernel,
                     recovery_kernel=recovery_kernel, semantic_shortcut=semantic_shortcut,
-                    padding_mask=padding_mask, global_centers=n_global))
+                    padding_mask=padding_mask, global_centers=n_global, **dd))
             else:
-                self.layers.append(SwinStage(*common, downsample=i < 3, resolution=resolutions[i]))
+                self.layers.append(SwinStage(*common, downsample=i < 3, resolution=resolutions[i], **dd))
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"layers.{i}") for i in range(4)]
 
         if dense:  # per-stage output norms of the released backbone; norm3 is also the final norm
+            self.stage_norms = num_classes == 0 if stage_norms is None else bool(stage_norms)
             for i in range(4):
-                self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
+                built = i == 3 or self.stage_norms
+                self.add_module(f"norm{i}", nn.LayerNorm(dims[i], **dd) if built else nn.Identity())
         else:
-            self.norm = nn.LayerNorm(dims[-1])
+            self.stage_norms = False
+            self.norm = nn.LayerNorm(dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the computed buffers (also after ``to_empty``)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+            elif m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
+        self.apply(self._init_weights)
+        reinit_non_persistent_buffers(self)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -809,23 +870,28 @@ class STViTR(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        """A new classifier (model's device, dtype and mode); ``global_pool`` 'avg' or '' (None keeps)."""
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("", "avg"):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.num_features, num_classes)
 
-    def _final_norm(self) -> nn.Module:
-        return self.norm3 if self.dense else self.norm
-
-    def _norm_final(self, x: Tensor) -> Tensor:
-        """The final norm (``norm3`` in the dense form), as a static attribute check TorchScript resolves."""
-        if hasattr(self, "norm3"):
-            y = self.norm3(x)
-        else:
-            y = self.norm(x)
-        return y
+    def _final_norm(self, x: Tensor) -> Tensor:
+        """The final norm: ``norm`` (classifier), or in the dense form the output norm of the last
+        stage (``norm3``, or another after pruning). Written with static attribute checks and
+        ``len(self.layers)`` so that TorchScript resolves it."""
+        if hasattr(self, "norm3"):   # dense form
+            n = len(self.layers)
+            if n == 1:
+                return self.norm0(x)
+            if n == 2:
+                return self.norm1(x)
+            if n == 3:
+                return self.norm2(x)
+            return self.norm3(x)
+        return self.norm(x)
 
     def _check_input(self, x: Tensor):
         _check_images(x, self.in_chans, self.img_size)
@@ -866,32 +932,42 @@ class STViTR(nn.Module):
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
-        return self._final_norm()(out).flatten(1, 2), intermediates
+        return self._final_norm(out), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the stages (and head / final norm) that the requested intermediates do not need."""
+        """Drop the stages (and head / final norm) that the requested intermediates do not need.
+
+        Dense form: each map's output norm is part of the map (the released backbone's outputs), so
+        the last kept stage's norm stays and becomes the final norm whatever ``prune_norm`` says;
+        the norms of stages that are dropped or not taken go."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
-        if prune_norm and not self.dense:
+        if self.dense:
+            for i in range(4):
+                if i > max_index or (i < max_index and i not in take_indices):
+                    setattr(self, f"norm{i}", nn.Identity())
+        elif prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, tokens, C): the last stage's tokens after the final norm (``norm3`` in the dense form)."""
+        """(B, H/32, W/32, C) channels-last map of the last stage after the final norm (``norm3`` in
+        the dense form), as timm's Swin."""
         self._check_input(x)
         x = self.patch_embed(x)
         out = x
         for stage in self.layers:
             out, x = stage(x)
-        return self._norm_final(out).flatten(1, 2)
+        return self._final_norm(out)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, H, W, C) map -> logits (B, classes) (``global_pool=''``: (B, H, W, classes))."""
         if self.global_pool == "avg":
-            x = x.mean(dim=1)
+            x = x.mean(dim=(1, 2))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -991,6 +1067,9 @@ def checkpoint_filter_fn(state_dict: dict, model: STViTR) -> dict[str, Tensor]:
         out = {k: v for k, v in out.items()
                if not (k.startswith(("norm.", "head.")) or k.endswith("global_centers"))}
         new_keys = ["norm0.*", "norm1.*", "norm2.*", "norm3.*"]
+    if model.dense and not model.stage_norms:
+        # a backbone's per-stage norms, in a model with a classifier: nothing reads them
+        out = {k: v for k, v in out.items() if not k.startswith(("norm0.", "norm1.", "norm2."))}
     has_centers = any(k.endswith("global_centers") for k in out)
     wants_centers = any(n.endswith("global_centers") for n, _ in model.named_parameters())
     if has_centers != wants_centers:
@@ -1003,7 +1082,7 @@ def checkpoint_filter_fn(state_dict: dict, model: STViTR) -> dict[str, Tensor]:
 
 def _cfg(url: str = "", **kwargs) -> dict:
     return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj.0.c", "classifier": "head", "license": "mit",
@@ -1019,6 +1098,7 @@ def _dense_cfg(**kwargs) -> dict:
 
 
 _HF = "https://huggingface.co/csncsn/STViT-R/blob/main/"
+_TEST_NOTE = ("a small untrained variant for fast generic tests (timm's test_* convention); no weights",)
 _LOAD_NOTE = ("download the file, then pretrained=True, pretrained_cfg_overlay=dict(file=<path>)",)
 default_cfgs = generate_default_cfgs({
     "stvit_r_swin_tiny_patch4_window7_224": _cfg(),
@@ -1029,14 +1109,19 @@ default_cfgs = generate_default_cfgs({
         origin_url=_HF + "cascade_mask_rcnn_swin_small_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.pth"),
     "stvit_r_det_swin_base_patch4_window7.coco": _dense_cfg(
         origin_url=_HF + "cascade_mask_rcnn_swin_base_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.pth"),
+    "test_stvit_r": _cfg(notes=_TEST_NOTE),
+    "test_stvit_r_det": _dense_cfg(input_size=(3, 128, 128), pool_size=(4, 4)),
 })
 
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_TEST = dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8))
 
 
 def _create(variant: str, pretrained: bool, arch: dict, dense: bool, **kwargs) -> STViTR:
+    if dense and kwargs.get("features_only"):
+        kwargs.setdefault("stage_norms", True)   # the feature maps are the released, normalised ones
     return build(STViTR, variant, pretrained, filter_fn=checkpoint_filter_fn,
                  feature_cfg=dict(out_indices=(0, 1, 2, 3)), **dict(arch, dense=dense, **kwargs))
 
@@ -1075,3 +1160,15 @@ def stvit_r_det_swin_small_patch4_window7(pretrained: bool = False, **kwargs) ->
 def stvit_r_det_swin_base_patch4_window7(pretrained: bool = False, **kwargs) -> STViTR:
     """STViT-R-Swin-B dense backbone (COCO Cascade Mask R-CNN 3x: 52.2 box AP released)."""
     return _create("stvit_r_det_swin_base_patch4_window7", pretrained, _BASE, True, **kwargs)
+
+
+@register_model
+def test_stvit_r(pretrained: bool = False, **kwargs) -> STViTR:
+    """A small STViT-R classifier for fast tests (width 32; 224x224, the only size the form takes)."""
+    return _create("test_stvit_r", pretrained, _TEST, False, **kwargs)
+
+
+@register_model
+def test_stvit_r_det(pretrained: bool = False, **kwargs) -> STViTR:
+    """A small STViT-R dense backbone for fast tests (width 32, any input size; 128x128 by default)."""
+    return _create("test_stvit_r_det", pretrained, _TEST, True, **kwargs)

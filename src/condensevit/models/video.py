@@ -57,9 +57,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, resample_patch_embed, trunc_normal_
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._features_fx import register_notrace_function
-from timm.models._manipulate import checkpoint, named_apply
+from timm.models._input import update_model_args
+from timm.models._manipulate import checkpoint, named_apply, reinit_non_persistent_buffers
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor
 
@@ -70,8 +71,8 @@ from ..layers.spacetime import (
 )
 from . import lookupvit as _lookupvit
 from . import stvit as _stvit
-from ._builder import CheckpointError, build, complete_state_dict, unwrap_state_dict
-from .lookupvit import LookupViTBlock
+from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
+from .lookupvit import LookupViTBlock, _ensure_lookup_update, _resolve_pool
 from .stvit import SemanticTokenBlock, STGMSchedule, run_stgm_blocks
 
 __all__ = [
@@ -139,7 +140,7 @@ class _VideoModel(nn.Module):
 
     def _init_stem(self, *, img_size, num_frames: int, tubelet_frames: int, patch_size: int, in_chans: int,
                    embed_dim: int, num_heads: int, num_classes: int, patch_inflation: str, pos_drop_rate: float,
-                   drop_rate: float) -> None:
+                   drop_rate: float, device=None, dtype=None) -> None:
         img_size = _as_ints(img_size, "img_size", 2, "224 or (224, 224)")
         for name, v in (("num_frames", num_frames), ("tubelet_frames", tubelet_frames), ("patch_size", patch_size)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
@@ -164,9 +165,13 @@ class _VideoModel(nn.Module):
         self.patch_inflation = patch_inflation
         self.grad_checkpointing = False
         self.patch_embed = TubeletEmbed(img_size=img_size, num_frames=num_frames, patch_size=patch_size,
-                                        tubelet_frames=tubelet_frames, in_chans=in_chans, embed_dim=embed_dim)
+                                        tubelet_frames=tubelet_frames, in_chans=in_chans, embed_dim=embed_dim,
+                                        device=device, dtype=dtype)
         self.grid_size = self.patch_embed.grid_size                      # (T', H', W')
-        self.pos_embed = nn.Parameter(torch.zeros(1, *self.grid_size, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, *self.grid_size, embed_dim, device=device, dtype=dtype))
+        # the checkpoint filters adapt the stem to in_chans themselves (after inflating a 2-D kernel,
+        # which timm's adapt_input_conv cannot take): timm's loader leaves it alone
+        self._traits = {"first_conv": None}
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.head_drop = nn.Dropout(drop_rate)
 
@@ -216,19 +221,26 @@ class _VideoModel(nn.Module):
         return self.head
 
     def _new_head(self, num_classes: int) -> nn.Module:
+        """A fresh classifier on the model's device and dtype, in its train/eval mode."""
         self.num_classes = num_classes
-        dd = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
-        return nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        return new_classifier(self, self.embed_dim, num_classes)
 
     def _init_trunk_weights(self) -> None:
         named_apply(init_weights_vit_timm, self)   # Linear: trunc-normal(.02), zero bias; scorer: its own
         trunc_normal_(self.pos_embed, std=0.02)
 
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the computed buffers (also after ``to_empty``)."""
+        self._init_trunk_weights()
+        if getattr(self, "global_centers", None) is not None:
+            trunc_normal_(self.global_centers, std=0.02)
+        reinit_non_persistent_buffers(self)
 
-def _block_args(mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate) -> dict:
+
+def _block_args(mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, **dd) -> dict:
     # timm's LayerNorm (eps 1e-6) is the ViT's, so converted image weights behave the same
     return dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                norm_layer=LayerNorm, act_layer=nn.GELU)
+                norm_layer=LayerNorm, act_layer=nn.GELU, **dd)
 
 
 def _drop_path_rates(rate: float, depth: int) -> list[float]:
@@ -246,6 +258,8 @@ class VideoViT(_VideoModel):
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the ViT trunk (ViT-Ti/S/B widths).
         patch_inflation: how ``checkpoint_filter_fn`` makes a 2-D patch kernel 3-D: 'central' or 'average'.
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: regularisation.
+        device, dtype: where and in which precision parameters and buffers are created (timm's
+            factory keywords; ``device='meta'``, then ``to_empty`` and ``init_weights()``).
     """
 
     def __init__(
@@ -269,19 +283,22 @@ class VideoViT(_VideoModel):
             proj_drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool {global_pool!r} is not supported; use 'avg' (mean of the tokens) or ''")
         self._init_stem(img_size=img_size, num_frames=num_frames, tubelet_frames=tubelet_frames,
                         patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads,
                         num_classes=num_classes, patch_inflation=patch_inflation, pos_drop_rate=pos_drop_rate,
-                        drop_rate=drop_rate)
+                        drop_rate=drop_rate, **dd)
         self.global_pool = global_pool
-        common = _block_args(mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate)
+        common = _block_args(mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, **dd)
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, drop_path=dp, **common) for dp in _drop_path_rates(drop_path_rate, depth)])
-        self.norm = LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim, **dd)
         self.head = self._new_head(num_classes)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, temporal_reduction=tubelet_frames,
                                   module=f"blocks.{i}") for i in range(depth)]
@@ -359,6 +376,7 @@ class STViTVideo(STGMSchedule, _VideoModel):
         semantic_grid: windows along (T', H', W'); one semantic token per window (default (2, 4, 4)).
         stgm_start, stgm_depth, center_pool, global_centers: as in the image form
             (:class:`~condensevit.models.stvit.STViT`).
+        device, dtype: timm's factory keywords, as in :class:`VideoViT`.
     """
 
     def __init__(
@@ -387,8 +405,11 @@ class STViTVideo(STGMSchedule, _VideoModel):
             proj_drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool {global_pool!r} is not supported; use 'avg' (mean of the semantic "
                              "tokens) or ''")
@@ -406,7 +427,7 @@ class STViTVideo(STGMSchedule, _VideoModel):
         self._init_stem(img_size=img_size, num_frames=num_frames, tubelet_frames=tubelet_frames,
                         patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads,
                         num_classes=num_classes, patch_inflation=patch_inflation, pos_drop_rate=pos_drop_rate,
-                        drop_rate=drop_rate)
+                        drop_rate=drop_rate, **dd)
         self.global_pool = global_pool
         self.semantic_grid = semantic_grid
         self.num_semantic_tokens = math.prod(semantic_grid)
@@ -414,16 +435,16 @@ class STViTVideo(STGMSchedule, _VideoModel):
         self.stgm_end = self.stgm_start + self.stgm_depth
         # the image form's pooling on a (T', H', W') volume; a ValueError when the volume is too small
         self.center_pool = WindowPool(embed_dim, self.grid_size, semantic_grid, center_pool,
-                                      norm_layer=LayerNorm, act_layer=nn.GELU)
-        self.global_centers = nn.Parameter(torch.zeros(1, self.num_semantic_tokens, embed_dim)) \
+                                      norm_layer=LayerNorm, act_layer=nn.GELU, **dd)
+        self.global_centers = nn.Parameter(torch.zeros(1, self.num_semantic_tokens, embed_dim, **dd)) \
             if global_centers and stgm_depth >= 2 else None
-        common = _block_args(mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate)
+        common = _block_args(mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, **dd)
         dpr = _drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
             SemanticTokenBlock(embed_dim, num_heads, attend_to_semantic=i > stgm_start, drop_path=dpr[i], **common)
             if self.stgm_start <= i < self.stgm_end else Block(embed_dim, num_heads, drop_path=dpr[i], **common)
             for i in range(depth)])
-        self.norm = LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim, **dd)
         self.head = self._new_head(num_classes)
         window = self.center_pool.window_size
         self.feature_info = [
@@ -548,8 +569,13 @@ class LookupViTVideo(_VideoModel):
             ``compressed_grid``); e.g. ``((2, 3, 3), (4, 5, 5), (4, 7, 7))``.
         train_grid_seed: seed of the Python RNG that samples ``train_grids`` (no device sync).
         lookup_mlp_ratio: hidden width of the lookup tokens' MLP, as a fraction of ``embed_dim``.
-        pool: 'compressed' (mean of the compressed tokens) or 'both' (mean over both streams).
+        pool: the tokens the head reads: 'compressed' or 'both' (both streams).
+        global_pool: 'avg' (their mean) or '' (none), or a ``pool`` value; as in the image form.
+        last_lookup_update: build the last block's scatter and lookup MLP; None: only with
+            ``pool='both'`` (as in the image form: with 'compressed' nothing reads them;
+            ``features_only=True`` builds them).
         resize_antialias: antialiased trilinear resize when making the compressed tokens.
+        device, dtype: timm's factory keywords, as in :class:`VideoViT`.
     """
 
     def __init__(
@@ -570,6 +596,8 @@ class LookupViTVideo(_VideoModel):
             train_grids: Sequence[tuple[int, int, int]] = (),
             train_grid_seed: int = 0,
             pool: str = "compressed",
+            global_pool: str = "avg",
+            last_lookup_update: bool | None = None,
             qkv_bias: bool = True,
             resize_antialias: bool = True,
             patch_inflation: str = "central",
@@ -578,25 +606,29 @@ class LookupViTVideo(_VideoModel):
             proj_drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        if pool not in LOOKUP_POOLS:
-            raise ValueError(f"pool={pool!r} must be one of {LOOKUP_POOLS}")
+        dd = dict(device=device, dtype=dtype)
+        pool, global_pool = _resolve_pool(pool, global_pool)
         self._init_stem(img_size=img_size, num_frames=num_frames, tubelet_frames=tubelet_frames,
                         patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads,
                         num_classes=num_classes, patch_inflation=patch_inflation, pos_drop_rate=pos_drop_rate,
-                        drop_rate=drop_rate)
-        self.pool = pool
+                        drop_rate=drop_rate, **dd)
+        self.pool, self.global_pool = pool, global_pool
         self.resize_antialias = resize_antialias
         self.compressed_grid = self._check_grid(compressed_grid, "compressed_grid")
         self.train_grids = tuple(sorted({self._check_grid(g, "train_grids entry") for g in train_grids}))
         self._grid_rng = random.Random(train_grid_seed)
         dpr = _drop_path_rates(drop_path_rate, depth)
+        last_update = pool == "both" if last_lookup_update is None else bool(last_lookup_update)
         self.blocks = nn.ModuleList([
             LookupViTBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, lookup_mlp_ratio=lookup_mlp_ratio,
-                           qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i])
+                           qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                           lookup_update=i < depth - 1 or last_update, **dd)
             for i in range(depth)])
-        self.norm = LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim, **dd)
         self.head = self._new_head(num_classes)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, temporal_reduction=tubelet_frames,
                                   module=f"blocks.{i}") for i in range(depth)]
@@ -651,7 +683,9 @@ class LookupViTVideo(_VideoModel):
         return self._pooled_tokens(c, l)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(x.mean(dim=1))
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor, compressed_grid: Optional[Tuple[int, int, int]] = None) -> Tensor:
@@ -723,12 +757,13 @@ class LookupViTVideo(_VideoModel):
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New classifier of ``num_classes`` (0: none); ``global_pool`` 'compressed' or 'both' (None keeps)."""
+        """New classifier of ``num_classes`` (0: none) on the model's device, dtype and mode;
+        ``global_pool`` as in the image form ('avg', '', 'compressed', 'both'; None keeps)."""
         if global_pool is not None:
-            if global_pool not in LOOKUP_POOLS:
-                raise ValueError(f"global_pool={global_pool!r} must be one of {LOOKUP_POOLS} (or None to keep "
-                                 f"{self.pool!r})")
-            self.pool = global_pool
+            self.pool, self.global_pool = _resolve_pool(self.pool, global_pool, current=self.global_pool)
+            if self.pool == "both":
+                _ensure_lookup_update(self, self.blocks[-1], init_weights_vit_timm)
+            update_model_args(self, pool=self.pool)   # timm's export rebuilds the model as it is now
         self.head = self._new_head(num_classes)
 
 
@@ -778,6 +813,9 @@ def _patch_kernel(v: Tensor, model: _VideoModel, inflation: str) -> Tensor:
     if v.dim() == 5 and tuple(v.shape[-2:]) != (kh, kw):  # another patch size: resample each frame
         d, c, t = v.shape[:3]
         v = resample_patch_embed(v.reshape(d, c * t, *v.shape[-2:]), [kh, kw]).reshape(d, c, t, kh, kw)
+    if v.dim() == 5 and v.shape[1] != C:                  # other channels: timm's adaptation, frames stacked
+        d, c, t, p, q = v.shape
+        v = adapt_input_conv(C, v.reshape(d, c, t * p, q), base_chans=c).reshape(d, C, t, p, q)
     return v
 
 
@@ -898,7 +936,9 @@ _VIT_WEIGHTS = {"tiny": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
                 "small": "vit_small_patch16_224.augreg_in21k_ft_in1k",
                 "base": "vit_base_patch16_224.augreg2_in21k_ft_in1k"}
 _WIDTHS = {"tiny": dict(embed_dim=192, depth=12, num_heads=3), "small": dict(embed_dim=384, depth=12, num_heads=6),
-           "base": dict(embed_dim=768, depth=12, num_heads=12)}
+           "base": dict(embed_dim=768, depth=12, num_heads=12),
+           # the test_* variants: 4 frames of 64x64 (a 2x4x4 tubelet grid), width 64, 4 layers
+           "test": dict(img_size=64, embed_dim=64, depth=4, num_heads=2)}
 
 default_cfgs = generate_default_cfgs({
     **{f"vit_video_{s}_patch2x16_224.from_vit_{w.split('.')[1]}": _cfg(w, **_VIT)
@@ -907,25 +947,45 @@ default_cfgs = generate_default_cfgs({
        for s in _WIDTHS},
     **{f"lookupvit_video_{s}_patch2x16_224.from_vit_{w.split('.')[1]}": _cfg(w, **_VIT)
        for s, w in _VIT_WEIGHTS.items()},
+    **{f"test_{family}": _cfg("", **_VIT, hf_hub_id=None, input_size=(3, 4, 64, 64), notes=(
+        "a small untrained variant for fast generic tests (timm's test_* convention); no weights",))
+       for family in ("vit_video", "stvit_video", "lookupvit_video")},
 })
 
 
 def _create(cls, variant: str, pretrained: bool, filter_fn, out_indices, **kwargs):
+    """timm's builder with a clip input size.
+
+    The cfg's ``input_size`` is (C, T, H, W): its T builds the model (``num_frames``, unless given),
+    as its (H, W) builds a fixed-size image model. timm's builder takes (C, H, W) only, so the model
+    is built with that and its cfg says (C, T, H, W) afterwards. timm's export (``save_for_hf``)
+    writes (C, H, W) sizes; the frame count then travels as the model argument ``num_frames``
+    (recorded here for it), and a cfg without T takes the model's."""
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    video_size = tuple(overlay.get("input_size") or resolve_pretrained_cfg(
+    cfg_size = tuple(overlay.get("input_size") or resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay).input_size)
-    # timm's builder insists on an image input_size (C, H, W): build with one, then say (C, T, H, W)
-    overlay["input_size"] = (video_size[0], *video_size[-2:])
+    if len(cfg_size) == 4:
+        kwargs.setdefault("num_frames", cfg_size[1])
+    overlay["input_size"] = (cfg_size[0], *cfg_size[-2:])
+    if cls is LookupViTVideo and kwargs.get("features_only"):
+        kwargs.setdefault("last_lookup_update", True)   # the last block's lookup map is a feature
     model = build(cls, variant, pretrained, filter_fn=filter_fn, feature_cfg=dict(out_indices=out_indices),
                   pretrained_cfg_overlay=overlay, **kwargs)
+    net = model.model if isinstance(model, FeatureGetterNet) else model   # features_only: timm's wrapper
+    video_size = (cfg_size[0], cfg_size[1] if len(cfg_size) == 4 else net.num_frames, *cfg_size[-2:])
     for attr in ("pretrained_cfg", "default_cfg"):
         if isinstance(getattr(model, attr, None), dict):
             setattr(model, attr, dict(getattr(model, attr), input_size=video_size))
+    model._model_args = dict(getattr(model, "_model_args", {}), num_frames=net.num_frames)
     return model
 
 
+def _name(family: str, size: str) -> str:
+    return f"test_{family}" if size == "test" else f"{family}_{size}_patch2x16_224"
+
+
 def _vit_video(size: str, pretrained: bool, kwargs) -> VideoViT:
-    return _create(VideoViT, f"vit_video_{size}_patch2x16_224", pretrained, checkpoint_filter_fn,
+    return _create(VideoViT, _name("vit_video", size), pretrained, checkpoint_filter_fn,
                    kwargs.pop("out_indices", 3), **dict(_WIDTHS[size], **kwargs))
 
 
@@ -935,12 +995,12 @@ def _stvit_video(size: str, pretrained: bool, kwargs) -> STViTVideo:
     end = start + args.get("stgm_depth", 2)
     # features_only default: the tubelet map entering the module, the semantic tokens leaving it, the last layer
     default = tuple(sorted({i for i in (start - 1, end - 1, depth - 1) if 0 <= i < depth})) or (depth - 1,)
-    return _create(STViTVideo, f"stvit_video_{size}_patch2x16_224", pretrained, stvit_checkpoint_filter_fn,
+    return _create(STViTVideo, _name("stvit_video", size), pretrained, stvit_checkpoint_filter_fn,
                    args.pop("out_indices", default), **args)
 
 
 def _lookupvit_video(size: str, pretrained: bool, kwargs) -> LookupViTVideo:
-    return _create(LookupViTVideo, f"lookupvit_video_{size}_patch2x16_224", pretrained,
+    return _create(LookupViTVideo, _name("lookupvit_video", size), pretrained,
                    lookupvit_checkpoint_filter_fn, kwargs.pop("out_indices", 4), **dict(_WIDTHS[size], **kwargs))
 
 
@@ -996,3 +1056,21 @@ def lookupvit_video_small_patch2x16_224(pretrained: bool = False, **kwargs) -> L
 def lookupvit_video_base_patch2x16_224(pretrained: bool = False, **kwargs) -> LookupViTVideo:
     """LookupViT on 2x16x16 tubelets, ViT-B widths; 4x5x5 compressed tokens by default."""
     return _lookupvit_video("base", pretrained, kwargs)
+
+
+@register_model
+def test_vit_video(pretrained: bool = False, **kwargs) -> VideoViT:
+    """A small joint space-time ViT for fast tests: 4 frames of 64x64, width 64, 4 layers."""
+    return _vit_video("test", pretrained, kwargs)
+
+
+@register_model
+def test_stvit_video(pretrained: bool = False, **kwargs) -> STViTVideo:
+    """A small video STViT for fast tests: 1x2x2 semantic tokens from layer 2 on."""
+    return _stvit_video("test", pretrained, dict(dict(semantic_grid=(1, 2, 2), stgm_start=1), **kwargs))
+
+
+@register_model
+def test_lookupvit_video(pretrained: bool = False, **kwargs) -> LookupViTVideo:
+    """A small video LookupViT for fast tests: 1x2x2 compressed tokens."""
+    return _lookupvit_video("test", pretrained, dict(dict(compressed_grid=(1, 2, 2)), **kwargs))

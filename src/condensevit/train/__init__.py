@@ -15,7 +15,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_checkpoi
 
 
 def digits_recipe(model: str, model_kwargs: dict | None = None, output: str | None = None, **overrides) -> TrainConfig:
-    """The recipe tuned for the embedded digits set on a 2-core CPU (see the engine's notes)."""
+    """The recipe tuned for the embedded digits set on a 2-core CPU (see docs/training.md)."""
     base = dict(data="digits", epochs=30, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=2,
                 smoothing=0.1)
     base.update(overrides)

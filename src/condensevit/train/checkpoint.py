@@ -3,20 +3,31 @@ reads safetensors, with the model name, kwargs and classes in its metadata) besi
 state (``last.state.pth``: optimizer, scheduler, scaler, EMA, RNG states, epoch, step, arguments).
 
 Every file is written atomically: a temporary file in the same folder, flushed and fsync'ed, then
-``os.replace``d over the old one, so a crash or a kill mid-write leaves the previous checkpoint
-whole. The state records the global step of its weights, and resuming checks that both files agree.
+``os.replace``d over the old one, so a crash or a kill mid-write leaves the previous file whole.
+Files get the mode an ordinary ``open`` would give (the user's umask), not ``mkstemp``'s 0600.
+
+The two files of a checkpoint are a pair, published together (:func:`save_checkpoint`): both are
+written to temporary files first; the current pair is kept as ``prev.safetensors`` /
+``prev.state.pth`` (hard links: no copy, no space) while the new pair replaces it, and dropped
+once the new pair is complete. Whenever the process dies, one complete pair (same global step in
+both) is in the folder, and :func:`find_resume` takes the newest. A full disk is found before
+anything is replaced (one-line error: the folder, the space needed, the space free).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
 
 import numpy as np
 import torch
+
+from ..models.factory import create_model, normalize_kwargs
+from ..outputs import apply_umask, disk_full_error, is_disk_full
 
 __all__ = [
     "atomic_write", "save_weights", "load_weights_file", "save_checkpoint", "load_checkpoint",
@@ -26,6 +37,8 @@ __all__ = [
 
 WEIGHTS_NAME = "last.safetensors"
 STATE_NAME = "last.state.pth"
+PREV_WEIGHTS_NAME = "prev.safetensors"   # the previous pair, only while a new one is being published
+PREV_STATE_NAME = "prev.state.pth"
 
 
 def _fsync_dir(folder: str):
@@ -41,18 +54,48 @@ def _fsync_dir(folder: str):
         os.close(fd)
 
 
-def atomic_write(path: str, write) -> str:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it, then rename it
-    over ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
-    path = os.fspath(path)
+def _write_temp(path: str, write, size_hint: int | None = None, full_error=None) -> str:
+    """Write ``write(file_object)`` to a fsync'ed temporary file beside ``path`` (mode as an
+    ordinary ``open`` gives); its name. On error nothing is left behind, and a full disk is an
+    :class:`~condensevit.outputs.OutputError` naming the folder and ``size_hint``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        apply_umask(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if _disk_full_in(e):
+            raise (full_error() if full_error else disk_full_error(folder, size_hint, os.path.basename(path))) from None
+        raise
+    return tmp
+
+
+def _disk_full_in(e: BaseException) -> bool:
+    """A full disk, also when a writer (``torch.save``'s zip writer) wraps the ``OSError``."""
+    seen = 0
+    while e is not None and seen < 5:
+        if is_disk_full(e) or "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def atomic_write(path: str, write, size_hint: int | None = None) -> str:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it, then rename it
+    over ``path``. On any error the temporary file is removed and ``path`` is left as it was; a
+    full disk is a one-line :class:`~condensevit.outputs.OutputError` (``size_hint``: the bytes
+    the file needs, when known)."""
+    path = os.fspath(path)
+    tmp = _write_temp(path, write, size_hint)
+    try:
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -60,7 +103,7 @@ def atomic_write(path: str, write) -> str:
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
     return path
 
 
@@ -75,7 +118,7 @@ def save_weights(path: str, state_dict: dict, metadata: dict | None = None) -> s
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     blob = save(_to_plain_tensors(state_dict), metadata=meta)
-    return atomic_write(path, lambda f: f.write(blob))
+    return atomic_write(path, lambda f: f.write(blob), size_hint=len(blob))
 
 
 def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -140,29 +183,190 @@ def restore_rng(state: dict):
 
 # ---------------------------------------------------------------------------------- checkpoints
 
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a nested state (what ``torch.save`` will write, less its small overhead)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    return 16
+
+
+def weights_step(path: str) -> int | None:
+    """The global step recorded in a weights file's metadata (its header only), or None."""
+    try:
+        from safetensors import safe_open
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return int(json.loads((f.metadata() or {})["global_step"]))
+    except Exception:  # noqa: BLE001  (missing, truncated, foreign: not part of a pair)
+        return None
+
+
+def state_step(path: str) -> int | None:
+    """The global step of a training state file (memory-mapped: its tensors are not read), or None."""
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+        return int(state["global_step"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _link_over(src: str, dst: str):
+    """Make ``dst`` another name of ``src``, atomically (a hard link; a copy where links are not allowed)."""
+    tmp = f"{dst}.{os.getpid()}.link.tmp"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _publish(tmp: str, path: str):
+    """The rename that makes one file of a new pair visible (a test hook: a kill can be simulated
+    between the two)."""
+    os.replace(tmp, path)
+
+
 def save_checkpoint(output_dir: str, weights: dict, state: dict, metadata: dict) -> tuple[str, str]:
-    """Write ``last.safetensors`` then ``last.state.pth`` in ``output_dir``, each atomically.
-    ``state['global_step']`` is recorded in both so :func:`load_checkpoint` can pair them."""
+    """Write the pair ``last.safetensors`` + ``last.state.pth`` in ``output_dir`` so that a complete
+    pair survives a kill or a full disk at any moment (see the module's notes).
+    ``state['global_step']`` is recorded in both, so :func:`load_checkpoint` can pair them.
+
+    Raises :class:`~condensevit.outputs.OutputError` when the disk is full (before anything is
+    replaced: the previous pair is kept)."""
+    from safetensors.torch import save
+
+    folder = os.path.abspath(output_dir)
+    os.makedirs(folder, exist_ok=True)
     step = int(state["global_step"])
-    wpath = save_weights(os.path.join(output_dir, WEIGHTS_NAME), weights, {**metadata, "global_step": step})
-    spath = atomic_write(os.path.join(output_dir, STATE_NAME),
-                         lambda f: torch.save({**state, "weights_file": WEIGHTS_NAME}, f))
-    return wpath, spath
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in {**metadata, "global_step": step}.items()}
+    blob = save(_to_plain_tensors(weights), metadata=meta)
+    state = {**state, "weights_file": WEIGHTS_NAME}
+    need = len(blob) + _nbytes(state) + (1 << 20)
+    w_path, s_path = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, STATE_NAME)
+    kept = _kept_note(folder)
+
+    def full():
+        return disk_full_error(folder, need, "the checkpoint", kept=kept)
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < need:
+        raise full()
+    tw = _write_temp(w_path, lambda f: f.write(blob), full_error=full)
+    try:
+        ts = _write_temp(s_path, lambda f: torch.save(state, f), full_error=full)
+    except BaseException:
+        os.unlink(tw)
+        raise
+    # keep the current pair while the new one replaces it (unless it is not a pair: then the
+    # previous one, from an interrupted publication, is the one to keep)
+    if _complete(w_path, s_path):
+        _link_over(w_path, os.path.join(folder, PREV_WEIGHTS_NAME))
+        _link_over(s_path, os.path.join(folder, PREV_STATE_NAME))
+        _fsync_dir(folder)
+    _publish(tw, w_path)
+    _publish(ts, s_path)
+    _fsync_dir(folder)
+    for name in (PREV_WEIGHTS_NAME, PREV_STATE_NAME):
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    _fsync_dir(folder)
+    return w_path, s_path
+
+
+def _complete(weights_path: str, state_path: str) -> bool:
+    if not (os.path.isfile(weights_path) and os.path.isfile(state_path)):
+        return False
+    w = weights_step(weights_path)
+    return w is not None and w == state_step(state_path)
+
+
+def _kept_note(folder: str) -> str | None:
+    pair = newest_pair(folder)
+    if pair is None:
+        return None
+    return f"the last complete checkpoint (step {pair[2]}) is kept: --resume auto continues from it"
+
+
+def newest_pair(folder: str) -> tuple[str, str, int] | None:
+    """(state path, weights path, global step) of the newest complete checkpoint pair in ``folder``
+    (``last.*``, else ``prev.*``, else a state and weights of the same step across the two), or None."""
+    states = [os.path.join(folder, n) for n in (STATE_NAME, PREV_STATE_NAME)]
+    weights = [os.path.join(folder, n) for n in (WEIGHTS_NAME, PREV_WEIGHTS_NAME)]
+    wsteps = {w: weights_step(w) for w in weights if os.path.isfile(w)}
+    best = None
+    for s in states:
+        if not os.path.isfile(s):
+            continue
+        step = state_step(s)
+        if step is None:
+            continue
+        for w, ws in wsteps.items():
+            if ws == step and (best is None or step > best[2]):
+                best = (s, w, step)
+                break
+    return best
+
+
+def has_checkpoint(folder: str) -> bool:
+    """Whether ``folder`` holds any file of a training checkpoint (a run to resume or to protect)."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in (STATE_NAME, PREV_STATE_NAME))
+
+
+def remove_stale_temporaries(folder: str):
+    """Temporary files of writes that a kill interrupted (only call while holding the run's lock)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp") and not name.startswith(".condensevit-write-check"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        elif name.endswith(".link.tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def find_resume(resume: str | None, output_dir: str) -> str | None:
-    """The state file to resume from: ``auto`` means ``OUTPUT/last.state.pth`` when it exists
-    (else a fresh start); a path may name the state file, its weights file or their folder."""
+    """The state file to resume from: ``auto`` means the newest complete pair in ``output_dir``
+    (a fresh start when there is none); a path may name a state file, its weights file or their
+    folder (then its newest complete pair)."""
+    from ..models._builder import CheckpointError
+
     if not resume:
         return None
     if resume == "auto":
-        path = os.path.join(output_dir, STATE_NAME)
-        return path if os.path.isfile(path) else None
+        if not has_checkpoint(output_dir):
+            return None
+        pair = newest_pair(output_dir)
+        if pair is None:
+            raise CheckpointError(
+                f"{output_dir} holds a training state but no complete checkpoint pair (weights and state of the "
+                "same step); resume from another copy, or start afresh with another --output")
+        return pair[0]
     path = os.fspath(resume)
     if os.path.isdir(path):
+        pair = newest_pair(path)
+        if pair is not None:
+            return pair[0]
         path = os.path.join(path, STATE_NAME)
     elif path.endswith(".safetensors"):
-        path = os.path.join(os.path.dirname(path), STATE_NAME)
+        path = os.path.join(os.path.dirname(path), STATE_NAME if os.path.basename(path) != PREV_WEIGHTS_NAME
+                            else PREV_STATE_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no training state to resume at {path!r}; give the run's folder, its {STATE_NAME}, or --resume auto")
@@ -170,7 +374,9 @@ def find_resume(resume: str | None, output_dir: str) -> str | None:
 
 
 def load_checkpoint(state_path: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, training state, weights metadata) of a checkpoint, checked to belong together."""
+    """(weights, training state, weights metadata) of a checkpoint, checked to belong together: the
+    weights file is the one of the state's global step (``last.safetensors``, or
+    ``prev.safetensors`` after a publication a kill interrupted)."""
     from ..models._builder import CheckpointError
 
     try:
@@ -178,12 +384,17 @@ def load_checkpoint(state_path: str) -> tuple[dict[str, torch.Tensor], dict, dic
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"training state {state_path!r} could not be read ({type(e).__name__}: "
                               f"{str(e)[:200]}); it is truncated or not a condensevit training state") from e
-    wpath = os.path.join(os.path.dirname(os.path.abspath(state_path)), state.get("weights_file", WEIGHTS_NAME))
+    folder = os.path.dirname(os.path.abspath(state_path))
+    step = int(state.get("global_step", -2))
+    recorded = os.path.join(folder, state.get("weights_file", WEIGHTS_NAME))
+    candidates = [recorded] + [os.path.join(folder, n) for n in (PREV_WEIGHTS_NAME, WEIGHTS_NAME)
+                               if os.path.join(folder, n) != recorded]
+    wpath = next((w for w in candidates if os.path.isfile(w) and weights_step(w) == step), recorded)
     weights, meta = load_weights_file(wpath)
-    if int(meta.get("global_step", -1)) != int(state.get("global_step", -2)):
+    if int(meta.get("global_step", -1)) != step:
         raise CheckpointError(
             f"{wpath!r} (step {meta.get('global_step')}) and {state_path!r} (step {state.get('global_step')}) "
-            "are not from the same moment of training; the run was killed between writing them. "
+            "are not from the same moment of training, and no other weights file of that step is kept. "
             "Resume from a matching pair or start again.")
     return weights, state, meta
 
@@ -191,9 +402,11 @@ def load_checkpoint(state_path: str) -> tuple[dict[str, torch.Tensor], dict, dic
 # ------------------------------------------------------------------------------------- SIGTERM
 
 class GracefulStop:
-    """While active, SIGTERM (what schedulers and torchrun send before killing) only sets
-    :attr:`requested`; the training loop then saves a checkpoint at the next step boundary and
-    returns. Does nothing outside the main thread, where signals cannot be caught."""
+    """While active, SIGTERM (what schedulers and torchrun send before killing) and the other
+    ``signals`` (the trainer adds SIGINT: Ctrl-C) only set :attr:`requested`; the training loop then
+    saves a checkpoint at the next step boundary and returns. A second SIGINT while waiting for that
+    raises ``KeyboardInterrupt`` at once (the checkpoint of the last boundary stays). Does nothing
+    outside the main thread, where signals cannot be caught."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self.signals = signals
@@ -202,6 +415,8 @@ class GracefulStop:
         self._previous = {}
 
     def _handler(self, signum, frame):  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
 
@@ -294,8 +509,6 @@ def load_model_for_inference(name: str | None, path: str, **model_kwargs) -> tor
     filter). Any other file (a pretrained checkpoint) is loaded through the model's checkpoint
     filter, as ``--pretrained-file`` does, keeping its classifier when it has one.
     """
-    from .engine import create_model, normalize_kwargs
-
     state_dict, meta = load_weights_file(path)
     recorded = meta.get("model") if meta.get("format") == "condensevit" else None
     name = name or recorded

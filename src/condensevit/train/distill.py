@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.factory import create_model, normalize_kwargs
+from .checkpoint import fit_checkpoint, load_weights_file
+
 __all__ = ["DistillationLoss", "build_teacher", "DISTILLATION_TYPES"]
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
@@ -69,9 +72,6 @@ def build_teacher(name: str, checkpoint: str, num_classes: int, *, model_kwargs:
     """A frozen teacher in eval mode: ``name`` built for ``num_classes`` and loaded exactly from
     ``checkpoint`` (a classifier for other classes is a clear error). When the checkpoint is one of
     ours, its recorded model kwargs are the defaults for ``model_kwargs``."""
-    from .checkpoint import fit_checkpoint, load_weights_file
-    from .engine import create_model, normalize_kwargs
-
     if not checkpoint:
         raise ValueError(f"teacher {name!r} needs --teacher-checkpoint FILE (its trained weights)")
     state_dict, meta = load_weights_file(checkpoint)

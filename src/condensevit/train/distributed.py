@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "broadcast_flag",
-    "ShardedEvalSampler", "ResumableDistributedSampler",
+    "ShardedEvalSampler", "ResumableDistributedSampler", "raise_together",
 ]
 
 
@@ -146,3 +146,23 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def raise_together(error: BaseException | None, info: DistInfo):
+    """Collective (every rank calls it): when any rank has an ``error``, every rank raises, the failing
+    one its own and the others a one-line error naming it, so that no rank waits forever in the next
+    collective for a rank that is gone. Used where only rank 0 works (the run folder's lock, the
+    checkpoint writes)."""
+    if not info.distributed:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
+    if error is not None:
+        raise error
+    for rank, msg in enumerate(gathered):
+        if msg is not None:
+            from ..cli import UsageError
+            raise UsageError(f"rank {rank} stopped: {msg}")

@@ -46,7 +46,6 @@ Choices the paper leaves open (each documented where it is made; named options w
   built with the same seed draw the same sequence, so DDP ranks run the same grid at each step.
   The RNG state is not in the state dict (a resumed run restarts the sequence).
 """
-from __future__ import annotations
 
 import fnmatch
 import math

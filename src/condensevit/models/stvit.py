@@ -28,7 +28,6 @@ Our choices where the paper is silent (see also the module's constructor):
 Every layer maps one to one onto DeiT's blocks; the STGM layers take their query projection from the
 first third of DeiT's fused qkv and their key/value projection from the rest (:func:`checkpoint_filter_fn`).
 """
-from __future__ import annotations
 
 import math
 from typing import Dict, List, Optional, Tuple, Union

@@ -49,7 +49,6 @@ border padding is attended to). The released weights were trained this way, so i
 (``padding_mask='released'``); ``'full'`` masks exactly the positions that are not image /
 semantic tokens, ``'none'`` masks nothing.
 """
-from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 

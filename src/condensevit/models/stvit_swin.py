@@ -37,7 +37,6 @@ the (smaller) semantic grid are resized with timm's ``resize_rel_pos_bias_table`
 the global centres start from their initial values. An STViT-R checkpoint loads where its layers
 correspond (see :func:`checkpoint_filter_fn`).
 """
-from __future__ import annotations
 
 import fnmatch
 import math

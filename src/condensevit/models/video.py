@@ -44,7 +44,6 @@ Choices the papers leave open (each made here, named options where reasonable):
 * Input: exactly ``num_frames`` frames of ``img_size``; anything else is a ValueError that names
   the fix (the data sets in :mod:`condensevit.data.video` sample a fixed number of frames).
 """
-from __future__ import annotations
 
 import math
 import numbers

@@ -32,7 +32,6 @@ Input of the condensed model: exactly ``num_frames`` frames of ``img_size`` (its
 and global centres are laid out for that clip); the map is padded to the windows as Video Swin pads
 it, and windows longer than the map shrink to it, as in Video Swin.
 """
-from __future__ import annotations
 
 import math
 import numbers

@@ -1,7 +1,8 @@
 """Deployment of every image family (tiny widths, small images): torch.fx (symbolic_trace and timm's fx
 feature extraction), TorchScript, torch.export (static batch 1, dynamic batch, dynamic height/width where
 eager takes any size), ONNX through PyTorch's dynamo exporter checked in ONNX Runtime, torch.compile
-(fullgraph, dynamic), and the `condensevit export` / `bench --runtime` commands.
+(fullgraph, dynamic), and the `condensevit export` / `bench --runtime` commands. Every video family: torch.fx,
+TorchScript, torch.export with a dynamic batch, torch.compile(fullgraph=True).
 
 Exports are the slow part (seconds each on 2 cores): each family is exported once per kind, in
 module-scoped fixtures, and every check of that export reuses it.
@@ -32,6 +33,10 @@ FAMILIES = {
                     dict(embed_dim=16, depths=(1, 1, 6, 1), num_heads=(1, 1, 2, 2)), (2, 3, 64, 80)),
     "lookupvit": ("lookupvit_tiny_patch16_224",
                   dict(embed_dim=32, depth=2, num_heads=2, img_size=(64, 96), compressed_grid=(2, 3)), (2, 3, 64, 96)),
+    # 224: a 14x14 third-stage map, so the condensed stage's second Swin block shifts (the mask buffer is
+    # used); then the module's two blocks, a local and a global semantic block
+    "stvit_swin": ("stvit_swin_tiny_patch4_window7_224",
+                   dict(embed_dim=16, depths=(1, 1, 6, 1), num_heads=(1, 1, 2, 2), stgm_start=2), (2, 3, 224, 224)),
 }
 NAMES = list(FAMILIES)
 
@@ -298,27 +303,41 @@ def test_compile_inductor(models):
 
 
 # --------------------------------------------------------------------------------------------- video
+_VIDEO_SWIN = dict(embed_dim=16, depths=(2, 1, 4, 1), num_heads=(1, 1, 2, 2), num_frames=4, img_size=64,
+                   num_classes=5)
+# name, kwargs, example clip shape
 VIDEO = {
     "stvit_video": ("stvit_video_tiny_patch2x16_224",
                     dict(embed_dim=32, depth=3, num_heads=2, num_frames=4, img_size=32, semantic_grid=(1, 2, 2),
-                         stgm_start=1, num_classes=5)),
+                         stgm_start=1, num_classes=5), (2, 3, 4, 32, 32)),
     "lookupvit_video": ("lookupvit_video_tiny_patch2x16_224",
                         dict(embed_dim=32, depth=2, num_heads=2, num_frames=4, img_size=32, compressed_grid=(1, 2, 2),
-                             num_classes=5)),
+                             num_classes=5), (2, 3, 4, 32, 32)),
+    # 4 frames of 64x64: the first stage's 2x16x16 map has shifted 2x7x7 windows (padded), the third
+    # stage's 2x4x4 map one window (the semantic tokens' 2x3x3 per window)
+    "video_swin": ("video_swin_tiny_patch2x4x4_window8x7x7", _VIDEO_SWIN, (2, 3, 4, 64, 64)),
+    "stvit_video_swin": ("stvit_video_swin_tiny_patch2x4x4_window8x7x7", _VIDEO_SWIN, (2, 3, 4, 64, 64)),
 }
 
 
 @pytest.mark.parametrize("family", list(VIDEO))
-def test_video_fx_torchscript_export(family):
-    name, kwargs = VIDEO[family]
+def test_video_fx_torchscript_export_compile(family):
+    """torch.fx, TorchScript (input checks compiled in), torch.export with a dynamic batch and
+    torch.compile(fullgraph=True) of every video family."""
+    name, kwargs, shape = VIDEO[family]
     model = timm.create_model(name, **kwargs).eval()
-    x = torch.randn(2, 3, 4, 32, 32)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
         assert torch.equal(torch.fx.symbolic_trace(model)(x), ref)
-        assert close(torch.jit.script(model)(x), ref, 1e-5)
+        scripted = torch.jit.script(model)
+        assert close(scripted(x), ref, 1e-5)
+        with pytest.raises(torch.jit.Error, match="ValueError"):
+            scripted(x[:, :2])
         program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}}).module()
         assert close(program(x[:1]), ref[:1])
+        torch._dynamo.reset()
+        assert close(torch.compile(model, fullgraph=True, backend="eager")(x), ref)
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -328,15 +347,18 @@ def _run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_export_command_onnx(tmp_path, capsys):
-    name, kwargs, _ = FAMILIES["stvit"]
-    kw = ["embed_dim=32", "depth=3", "num_heads=2", "img_size=64", "num_semantic_tokens=4", "stgm_start=1"]
+@pytest.mark.parametrize("family, kw, size", [
+    ("stvit", ["embed_dim=32", "depth=3", "num_heads=2", "img_size=64", "num_semantic_tokens=4", "stgm_start=1"], 64),
+    ("stvit_swin", ["embed_dim=16", "depths=(1,1,6,1)", "num_heads=(1,1,2,2)", "stgm_start=2"], 224),
+])
+def test_export_command_onnx(family, kw, size, tmp_path, capsys):
+    name = FAMILIES[family][0]
     out = tmp_path / "m.onnx"
     code, text, err = _run_cli(capsys, "export", "--model", name, "--model-kwargs", *kw, "--out", str(out))
     assert code == 0, err
     assert out.is_file()
-    assert "ONNX opset" in text and "(batch, 3, 64, 64)" in text and "dynamic: batch (dim 0)" in text
-    assert "fixed: channels 3, height 64, width 64" in text
+    assert "ONNX opset" in text and f"(batch, 3, {size}, {size})" in text and "dynamic: batch (dim 0)" in text
+    assert f"fixed: channels 3, height {size}, width {size}" in text
     assert "verified in ONNX Runtime" in text and "(tolerance 0.0001)" in text
 
 

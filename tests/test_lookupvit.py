@@ -216,8 +216,12 @@ def test_train_grids_are_sampled_per_step_and_seeded():
 # ---- position embedding, image sizes ---------------------------------------------------------
 def test_position_embedding_is_resampled_only_for_another_image_size(monkeypatch):
     calls = []
-    real = lv.resample_abs_pos_embed_nhwc
-    monkeypatch.setattr(lv, "resample_abs_pos_embed_nhwc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lv.F.interpolate   # the position embedding is the only bicubic resize
+
+    def counting(*a, **k):
+        calls.extend([1] if k.get("mode") == "bicubic" else [])
+        return real(*a, **k)
+    monkeypatch.setattr(lv.F, "interpolate", counting)
     model = small(dynamic_img_size=True)
     assert model.pos_embed.shape == (1, 4, 6, 64)  # non-square grid of the built size
     with torch.no_grad():

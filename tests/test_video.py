@@ -127,9 +127,11 @@ def test_timm_classifier_contract(family):
 def test_grad_checkpointing_gives_the_same_outputs_and_gradients(family, monkeypatch):
     m = small(family)
     check_grad_checkpointing(m, clips())
+    import condensevit.models.stvit as stvit
     import condensevit.models.video as video
     calls = []
-    monkeypatch.setattr(video, "checkpoint", lambda fn, *a: calls.append(type(fn).__name__) or fn(*a))
+    for module in (video, stvit):   # STViT's layer schedule (shared with the image form) lives in stvit
+        monkeypatch.setattr(module, "checkpoint", lambda fn, *a: calls.append(type(fn).__name__) or fn(*a))
     m.set_grad_checkpointing(True)
     m.train()(clips())
     assert len(calls) == 4, "every layer is checkpointed"

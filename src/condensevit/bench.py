@@ -472,6 +472,8 @@ def _cmd_bench(args) -> int:
             input_size = (3, input_size[0], input_size[0])
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.runtime != "eager":   # ONNX Runtime / torch.compile next to eager: condensevit.deploy
+        return _cmd_bench_runtimes(args, specs, input_size)
     result = run_bench(specs, input_size=input_size, batch_size=args.batch_size, device=args.device,
                        amp=args.amp, amp_dtype=args.amp_dtype, compile=args.compile,
                        channels_last=args.channels_last, warmup=args.warmup, iters=args.iters,
@@ -486,6 +488,26 @@ def _cmd_bench(args) -> int:
     if args.plot:
         plot_bench(result, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_bench_runtimes(args, specs, input_size) -> int:
+    from .deploy import MissingDependencyError, format_runtime_table, parse_runtimes, run_runtime_bench
+    if args.device != "cpu":
+        raise _usage_error("--runtime other than eager is measured on the CPU (ONNX Runtime's CPU execution "
+                           "provider); drop --device cuda")
+    try:
+        runtimes = parse_runtimes(args.runtime)
+        result = run_runtime_bench(specs, runtimes, input_size=input_size, batch_size=args.batch_size,
+                                   warmup=args.warmup, iters=args.iters, rounds=args.rounds, progress=not args.quiet)
+    except MissingDependencyError as e:
+        raise _usage_error(str(e)) from e
+    print(format_runtime_table(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -528,6 +550,10 @@ def add_parser(sub: argparse._SubParsersAction):
     p.add_argument("--amp", action="store_true", help="autocast (default dtype: float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="autocast dtype with --amp")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--runtime", default="eager",
+                   help="runtimes to measure, comma-separated: eager (default), compile (torch.compile), onnxruntime "
+                        "(exported to ONNX, CPU execution provider; needs condensevit[deploy]); with more than one, "
+                        "each model is also compared with itself in eager, in the same alternating run")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed batches before the first round (1 before each later round)")

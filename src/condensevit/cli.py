@@ -1,4 +1,4 @@
-"""The command line: ``condensevit {bench, models, train, eval, demo, viz, caption}``.
+"""The command line: ``condensevit {bench, models, train, eval, demo, viz, caption, export}``.
 
 Each subcommand module exposes ``add_parser(subparsers)`` that registers its parser with
 ``set_defaults(func=handler)``; the handler takes the parsed namespace and returns an exit code.
@@ -41,6 +41,7 @@ _SUBCOMMANDS = (
     ("condensevit.demo", "add_parser"),       # demo
     ("condensevit.viz", "add_parser"),        # viz
     ("condensevit.caption.cli", "add_parser"),  # caption train|eval|predict
+    ("condensevit.deploy", "add_parser"),     # export
 )
 
 

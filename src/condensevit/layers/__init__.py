@@ -3,7 +3,7 @@ from .attention import CrossAttention, attend, merge_heads, split_heads, split_q
 from .bidirectional import BidirectionalCrossAttention, gather_from_logits, scatter_from_logits, shared_logits
 from .pooling import POOL_MODES, TokenScorer, WindowGrid, WindowPool, window_grid, window_index
 from .windows import (
-    gather_neighbourhoods, neighbourhood_index, pad_to_multiple, shifted_window_mask, window_partition,
+    gather_neighbourhoods, neighbourhood_index, pad_to_multiple, round_up, shifted_window_mask, window_partition,
     window_neighbourhood_index, window_reverse,
 )
 
@@ -11,6 +11,6 @@ __all__ = [
     "CrossAttention", "attend", "merge_heads", "split_heads", "split_qkv",
     "BidirectionalCrossAttention", "gather_from_logits", "scatter_from_logits", "shared_logits",
     "POOL_MODES", "TokenScorer", "WindowGrid", "WindowPool", "window_grid", "window_index",
-    "gather_neighbourhoods", "neighbourhood_index", "pad_to_multiple", "shifted_window_mask",
+    "gather_neighbourhoods", "neighbourhood_index", "pad_to_multiple", "round_up", "shifted_window_mask",
     "window_neighbourhood_index", "window_partition", "window_reverse",
 ]

@@ -5,10 +5,14 @@ and a plain path that also returns the attention probabilities (for visualisatio
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .tracing import building_graph
 
 __all__ = ["attend", "CrossAttention", "split_heads", "merge_heads", "split_qkv"]
 
@@ -22,18 +26,25 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
 def merge_heads(x: Tensor) -> Tensor:
     """(B, H, N, D) -> (B, N, H*D)."""
     B, H, N, D = x.shape
-    return x.transpose(1, 2).reshape(B, N, H * D)
+    x = x.transpose(1, 2)
+    if torch.jit.is_scripting():
+        return x.reshape(B, N, H * D)
+    if building_graph(x):
+        # a fused kernel's output layout differs between kernels, and changes when the ONNX exporter
+        # decomposes the kernel: a copy to the standard layout keeps the recorded reshape valid for all
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.reshape(B, N, H * D)
 
 
 def attend(
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        attn_mask: Tensor | None = None,
+        attn_mask: Optional[Tensor] = None,
         dropout_p: float = 0.0,
         fused: bool = True,
         return_attn: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Scaled dot-product attention over (..., heads, tokens, head_dim) tensors.
 
     ``attn_mask`` is additive (float) or boolean (True = keep), broadcastable to the logits.
@@ -83,7 +94,7 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+    def project_kv(self, context: Tensor) -> Tuple[Tensor, Tensor]:
         """Keys and values (B, heads, N, D) of a context, projected once per token."""
         k, v = self.kv(context).chunk(2, dim=-1)
         return split_heads(k, self.num_heads), split_heads(v, self.num_heads)
@@ -91,20 +102,23 @@ class CrossAttention(nn.Module):
     def forward(
             self,
             x: Tensor,
-            context: Tensor | None = None,
-            attn_mask: Tensor | None = None,
+            context: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None,
             return_attn: bool = False,
     ):
         """``x`` (B, M, C) attends to ``context`` (B, N, C) (itself when None).
 
-        Returns (B, M, C), or ``(out, attn)`` with attn (B, heads, M, N) when ``return_attn``.
+        Returns (B, M, C), or ``(out, attn)`` with attn (B, heads, M, N) when ``return_attn``
+        (eager mode; a TorchScript module returns the output only).
         """
         k, v = self.project_kv(x if context is None else context)
         out, attn = self.attend_projected(x, k, v, attn_mask=attn_mask, return_attn=return_attn)
-        return (out, attn) if return_attn else out
+        if return_attn and not torch.jit.is_scripting():
+            return out, attn
+        return out
 
-    def attend_projected(self, x: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-                         return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+    def attend_projected(self, x: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                         return_attn: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """Attention of ``x`` over keys/values that were already projected (and perhaps gathered)."""
         q = split_heads(self.q(x), self.num_heads)
         out, attn = attend(
@@ -113,7 +127,7 @@ class CrossAttention(nn.Module):
         return self.proj_drop(self.proj(merge_heads(out))), attn
 
 
-def split_qkv(weight: Tensor, bias: Tensor | None = None):
+def split_qkv(weight: Tensor, bias: Optional[Tensor] = None):
     """Split a fused (3*dim, dim) qkv projection into ``q`` (dim, dim) and ``kv`` (2*dim, dim)."""
     dim = weight.shape[0] // 3
     q_w, kv_w = weight[:dim], weight[dim:]

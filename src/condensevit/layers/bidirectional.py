@@ -18,6 +18,9 @@ families can reuse them.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,7 +37,7 @@ def shared_logits(q: Tensor, k: Tensor) -> Tensor:
     return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
 
 
-def gather_from_logits(logits: Tensor, v: Tensor, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+def gather_from_logits(logits: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Each of the M rows attends over the N columns: ``softmax(S, -1) @ v`` with v (B, heads, N, d).
 
     Returns the output (B, heads, M, d) and the probabilities (B, heads, M, N), rows summing to 1.
@@ -44,7 +47,7 @@ def gather_from_logits(logits: Tensor, v: Tensor, dropout_p: float = 0.0) -> tup
     return out, attn
 
 
-def scatter_from_logits(logits: Tensor, v: Tensor, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+def scatter_from_logits(logits: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Each of the N columns attends over the M rows: ``softmax(Sᵀ, -1) @ v`` with v (B, heads, M, d).
 
     Returns the output (B, heads, N, d) and the probabilities as (B, heads, N, M), each lookup
@@ -113,8 +116,15 @@ class BidirectionalCrossAttention(nn.Module):
         """Compressed (B, M, C) tokens read the lookup (B, N, C) tokens.
 
         Returns ``(out (B, M, C), logits (B, heads, M, N))``, plus the gather probabilities
-        (B, heads, M, N) when ``return_attn``. Pass the logits to :meth:`scatter`.
+        (B, heads, M, N) when ``return_attn`` (eager mode). Pass the logits to :meth:`scatter`.
         """
+        out, logits, attn = self._gather(compressed, lookup)
+        if return_attn and not torch.jit.is_scripting():
+            return out, logits, attn
+        return out, logits
+
+    def _gather(self, compressed: Tensor, lookup: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`gather` with one return type (TorchScript): (out, logits, probabilities)."""
         B, N, C = lookup.shape
         q = split_heads(self.q(compressed), self.num_heads)
         kv = self.kv(lookup).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -122,19 +132,30 @@ class BidirectionalCrossAttention(nn.Module):
         logits = shared_logits(q, k)
         out, attn = gather_from_logits(logits, v, self._drop())
         out = self.proj_drop(self.gather_proj(merge_heads(out)))
-        return (out, logits, attn) if return_attn else (out, logits)
+        return out, logits, attn
 
     def scatter(self, logits: Tensor, compressed: Tensor, return_attn: bool = False):
         """Lookup tokens read the (refined) compressed (B, M, C) tokens through the gather's logits.
 
-        Returns (B, N, C), plus the scatter probabilities (B, heads, N, M) when ``return_attn``.
+        Returns (B, N, C), plus the scatter probabilities (B, heads, N, M) when ``return_attn``
+        (eager mode).
         """
+        out, attn = self._scatter(logits, compressed)
+        if return_attn and not torch.jit.is_scripting():
+            return out, attn
+        return out
+
+    def _scatter(self, logits: Tensor, compressed: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`scatter` with one return type (TorchScript): (out, probabilities)."""
+        if self.scatter_v is None or self.scatter_proj is None:   # static under TorchScript: a gather-only module
+            raise RuntimeError("this BidirectionalCrossAttention was built with scatter=False (gather only); "
+                               "call add_scatter() first")
         v = split_heads(self.scatter_v(compressed), self.num_heads)
         out, attn = scatter_from_logits(logits, v, self._drop())
         out = self.proj_drop(self.scatter_proj(merge_heads(out)))
-        return (out, attn) if return_attn else out
+        return out, attn
 
-    def forward(self, compressed: Tensor, lookup: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, compressed: Tensor, lookup: Tensor) -> Tuple[Tensor, Tensor]:
         """Both directions with no refinement in between: (to_compressed (B, M, C), to_lookup (B, N, C))."""
         gathered, logits = self.gather(compressed, lookup)
         return gathered, self.scatter(logits, compressed)

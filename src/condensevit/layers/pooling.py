@@ -171,6 +171,9 @@ class WindowPool(nn.Module):
     out, give the weights of a weighted average), ``'avg'`` (mean of the window's real tokens),
     ``'max'`` (channel-wise maximum over the window's real tokens).
     """
+    # construction-time bookkeeping that TorchScript need not type (forward reads the buffers only)
+    __jit_ignored_attributes__ = ["geometry"]
+    __jit_unused_properties__ = ["window_size"]
 
     def __init__(
             self,
@@ -233,7 +236,7 @@ class WindowPool(nn.Module):
         For ``'max'`` the weight of a token is the share of channels whose maximum it holds.
         """
         B = x.shape[0]
-        if self.mode == "weighted":
+        if self.score is not None:   # 'weighted' (TorchScript resolves this check statically)
             return (self.score(x).unsqueeze(1) + self.window_bias).softmax(-1)
         if self.mode == "avg":
             return self.avg_weights.expand(B, -1, -1)
@@ -245,10 +248,11 @@ class WindowPool(nn.Module):
         return dense.scatter_add_(2, self.window_tokens.expand(B, -1, -1), share)
 
     def forward(self, x: Tensor, return_weights: bool = False):
-        """(B, H*W, C) -> (B, G, C) pooled tokens (and their (B, G, H*W) weights when asked)."""
+        """(B, H*W, C) -> (B, G, C) pooled tokens (and their (B, G, H*W) weights when asked, eager mode)."""
         if self.mode == "max":
             out = (x[:, self.window_tokens] + self.window_pad_bias).amax(2)
-            return (out, self.weights(x)) if return_weights else out
-        w = self.weights(x)
-        out = w @ x
-        return (out, w) if return_weights else out
+        else:
+            out = self.weights(x) @ x
+        if return_weights and not torch.jit.is_scripting():
+            return out, self.weights(x)
+        return out

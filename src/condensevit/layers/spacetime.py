@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import Tensor
+
+from .tracing import known_equal
 
 __all__ = [
     "TubeletEmbed", "resize_volume", "inflate_patch_embed", "tile_pos_embed", "resample_pos_embed_3d",
@@ -59,7 +62,7 @@ class TubeletEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 4, 1)
 
 
-def resize_volume(x: Tensor, size: tuple[int, int, int], antialias: bool = True) -> Tensor:
+def resize_volume(x: Tensor, size: Tuple[int, int, int], antialias: bool = True) -> Tensor:
     """Trilinear resize of a (B, C, T, H, W) volume to ``size`` = (t, h, w) (align_corners=False).
 
     With ``antialias`` (for shrinking) the filter widens with the scale factor on every axis, so each
@@ -73,13 +76,14 @@ def resize_volume(x: Tensor, size: tuple[int, int, int], antialias: bool = True)
     t, h, w = size
     # in float32, cast back: CPU kernels of these resizes lack bfloat16 / float16
     if not antialias:
-        return F.interpolate(x.float(), size=(t, h, w), mode="trilinear", align_corners=False).to(x.dtype)
+        return F.interpolate(x.float(), size=[t, h, w], mode="trilinear", align_corners=False).to(x.dtype)
     y = x.float()
-    if (h, w) != (H, W):
-        y = F.interpolate(y.reshape(B, C * T, H, W), size=(h, w), mode="bilinear", align_corners=False,
+    # an axis left at its size is unchanged by a pass: skipped when that is known (eager, static shapes)
+    if not (known_equal(h, H) and known_equal(w, W)):
+        y = F.interpolate(y.reshape(B, C * T, H, W), size=[h, w], mode="bilinear", align_corners=False,
                           antialias=True).view(B, C, T, h, w)
-    if t != T:
-        y = F.interpolate(y.reshape(B, C, T, h * w), size=(t, h * w), mode="bilinear", align_corners=False,
+    if not known_equal(t, T):
+        y = F.interpolate(y.reshape(B, C, T, h * w), size=[t, h * w], mode="bilinear", align_corners=False,
                           antialias=True).view(B, C, t, h, w)
     return y.to(x.dtype)
 

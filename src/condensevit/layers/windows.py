@@ -12,19 +12,34 @@ Positions outside the map point at one extra "pad" slot appended after the map's
 caller decides what padding is (for example the projection of a zero token).
 :func:`window_neighbourhood_index` is the same idea for maps of any rank (images or space-time
 volumes) with every neighbourhood kept inside the map, so no pad slot is needed.
+
+Every function is shape-generic: sizes may be ints or symbolic sizes (torch.fx, ``torch.export`` /
+``torch.compile(dynamic=True)``), and masks and indices are built with tensor arithmetic only, never
+with a Python branch on a size (:mod:`condensevit.layers.tracing`).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import known_zero
+
 __all__ = [
-    "window_partition", "window_reverse", "pad_to_multiple", "shifted_window_mask",
+    "round_up", "window_partition", "window_reverse", "pad_to_multiple", "shifted_window_mask",
     "neighbourhood_index", "gather_neighbourhoods", "window_neighbourhood_index",
 ]
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``. Written as a ceiling division times the
+    multiple so that a symbolic size (torch.export with dynamic height/width) stays a simple
+    ``multiple * floor((n + multiple - 1) / multiple)`` that later divisions by ``multiple`` cancel;
+    ``n + (-n) % multiple`` is the same number but makes the symbolic-shape engine crawl."""
+    return (n + multiple - 1) // multiple * multiple
 
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
@@ -41,29 +56,29 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
-def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> tuple[Tensor, int, int]:
+def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tuple[Tensor, int, int]:
     """Pad a (B, H, W, C) map at the bottom and right to multiples of ``multiple``.
 
     Returns the padded map and the padding added (pad_bottom, pad_right)."""
     H, W = x.shape[1], x.shape[2]
-    pad_b, pad_r = (-H) % multiple, (-W) % multiple
-    if pad_b or pad_r:
+    pad_b, pad_r = round_up(H, multiple) - H, round_up(W, multiple) - W
+    if not (known_zero(pad_b) and known_zero(pad_r)):   # eager: no copy when nothing is padded
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b), value=value)
     return x, pad_b, pad_r
 
 
-def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int, device=None,
+def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int, device: Optional[torch.device] = None,
                         value: float = -100.0) -> Tensor:
     """Additive mask (windows, N, N) of shifted-window attention on a cyclically rolled (H, W) map
     (sides multiples of ``window_size``): tokens that were not neighbours before the roll get
     ``value`` (Swin's -100)."""
-    region = torch.zeros(H, W, device=device)
-    cuts = ((0, -window_size), (-window_size, -shift_size), (-shift_size, None))
-    label = 0
-    for h0, h1 in cuts:
-        for w0, w1 in cuts:
-            region[h0:h1, w0:w1] = label
-            label += 1
+    # Swin's three bands per axis ([0, -window), [-window, -shift), [-shift, end)) as arithmetic, so the
+    # mask is built the same way for an int or a symbolic size
+    rows = torch.arange(H, device=device)
+    cols = torch.arange(W, device=device)
+    band_r = (rows >= H - window_size).long() + (rows >= H - shift_size).long()
+    band_c = (cols >= W - window_size).long() + (cols >= W - shift_size).long()
+    region = (band_r[:, None] * 3 + band_c[None, :]).float()
     region = window_partition(region.view(1, H, W, 1), window_size).squeeze(-1)  # (windows, N)
     diff = region.unsqueeze(1) - region.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, value)
@@ -72,12 +87,12 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift_size: int, devic
 def neighbourhood_index(
         height: int,
         width: int,
-        grid: tuple[int, int],
+        grid: Tuple[int, int],
         kernel: int,
         stride: int,
         offset: int = 0,
-        device=None,
-) -> tuple[Tensor, Tensor]:
+        device: Optional[torch.device] = None,
+) -> Tuple[Tensor, Tensor]:
     """Indices of overlapping k x k neighbourhoods of a (height, width) map.
 
     Window (i, j) of a ``grid`` = (rows, cols) of windows covers map rows
@@ -94,7 +109,9 @@ def neighbourhood_index(
     rows = r[:, None, :, None].expand(rows_n, cols_n, kernel, kernel).reshape(rows_n * cols_n, -1)
     cols = c[None, :, None, :].expand(rows_n, cols_n, kernel, kernel).reshape(rows_n * cols_n, -1)
     inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    index = torch.where(inside, rows * width + cols, torch.full_like(rows, height * width))
+    # outside positions -> the pad slot height * width (tensor arithmetic: a symbolic size stays symbolic and
+    # every exporter translates it)
+    index = torch.where(inside, rows * width + cols, torch.zeros_like(rows) + height * width)
     return index, torch.stack((rows, cols))
 
 
@@ -103,7 +120,7 @@ def gather_neighbourhoods(tokens: Tensor, index: Tensor, pad: Tensor) -> Tensor:
 
     ``index`` (windows, K) comes from :func:`neighbourhood_index` (value N = the pad slot);
     ``pad``, broadcastable to (B, 1, ...), is what a position outside the map holds."""
-    pad = pad.to(tokens.dtype).expand(tokens.shape[0], 1, *tokens.shape[2:])
+    pad = pad.to(tokens.dtype).expand(tokens[:, :1].shape)
     return torch.cat([tokens, pad], dim=1)[:, index]
 
 

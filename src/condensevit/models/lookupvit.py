@@ -46,14 +46,13 @@ Choices the paper leaves open (each documented where it is made; named options w
   built with the same seed draw the same sequence, so DDP ranks run the same grid at each step.
   The RNG state is not in the state dict (a resumed run restarts the sequence).
 """
-from __future__ import annotations
 
 import fnmatch
 import math
 import numbers
 import random
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +62,7 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._input import update_model_args
 from timm.models.vision_transformer import Block
 from torch import Tensor
@@ -70,6 +70,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import split_qkv
 from ..layers.bidirectional import BidirectionalCrossAttention
+from ..layers.tracing import is_fx_proxy, known_equal, shape_str
 from ._builder import CheckpointError, build, complete_state_dict, new_classifier
 
 __all__ = ["LookupViT", "LookupViTBlock", "checkpoint_filter_fn"]
@@ -93,11 +94,56 @@ def _as_grid(value, name: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _check_grid_fits(grid: tuple[int, int], lookup_grid: tuple[int, int], name: str):
+@register_notrace_function   # one leaf node for timm's fx feature extraction ...
+@torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
+def _check_grid_fits(grid: Tuple[int, int], lookup_grid: Tuple[int, int], name: str) -> None:
     if grid[0] > lookup_grid[0] or grid[1] > lookup_grid[1]:
+        lookup = f"({lookup_grid[0]}, {lookup_grid[1]})"
         raise ValueError(
-            f"{name}={grid} is larger than the lookup-token grid {tuple(lookup_grid)}; the compressed grid "
-            f"must be at most the patch grid (pick at most {tuple(lookup_grid)} or a larger image)")
+            f"{name}=({grid[0]}, {grid[1]}) is larger than the lookup-token grid {lookup}; the compressed grid "
+            f"must be at most the patch grid (pick at most {lookup} or a larger image)")
+
+
+@register_notrace_function
+@torch.fx.wrap
+def _check_images(x: Tensor, in_chans: int, patch_size: int, img_size: Optional[Tuple[int, int]]) -> None:
+    """ValueError unless ``x`` is (B, in_chans, H, W) images with H, W multiples of the patch, and of
+    ``img_size`` when given (a model without ``dynamic_img_size``)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected images (B, {in_chans}, H, W), got shape {shape_str(x)}")
+    H, W = x.shape[-2], x.shape[-1]
+    if H % patch_size != 0 or W % patch_size != 0:
+        raise ValueError(f"image size ({H}, {W}) is not divisible by the patch size {patch_size}; resize or crop it")
+    if img_size is not None and (H != img_size[0] or W != img_size[1]):
+        raise ValueError(
+            f"image size ({H}, {W}) differs from the size the model was built for ({img_size[0]}, {img_size[1]}); "
+            "resize the input, or build the model with that img_size or with dynamic_img_size=True")
+
+
+@register_notrace_function
+@torch.fx.wrap
+def _check_traced_grid(compressed_grid, traced_grid: Tuple[int, ...]) -> None:
+    """In a graph that torch.fx traced without a concrete ``compressed_grid`` (so at ``traced_grid``,
+    the model's default): another grid cannot change the graph, so it is refused (image and video forms)."""
+    if compressed_grid is None:
+        return
+    grid = (compressed_grid,) * len(traced_grid) if isinstance(compressed_grid, numbers.Integral) \
+        else tuple(compressed_grid)
+    if grid != tuple(traced_grid):
+        raise ValueError(
+            f"this graph was traced at compressed_grid={tuple(traced_grid)} and cannot run at {compressed_grid!r}; "
+            "trace a model whose default grid is the one you want (built with compressed_grid=(h, w), or with "
+            "model.compressed_grid = (h, w) set before tracing)")
+
+
+def _resize_pos_embed(pos: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """A (1, H, W, C) position embedding resampled to ``grid`` as timm's ``resample_abs_pos_embed_nhwc``
+    does (bicubic, antialiased, in float32), with no Python branch on a symbolic size: in eager mode
+    an embedding of the right size is returned as is, in a graph with dynamic sizes it is resampled."""
+    if known_equal(pos.shape[1], grid[0]) and known_equal(pos.shape[2], grid[1]):
+        return pos
+    out = F.interpolate(pos.float().permute(0, 3, 1, 2), size=[grid[0], grid[1]], mode="bicubic", antialias=True)
+    return out.permute(0, 2, 3, 1).to(pos.dtype)
 
 
 class LookupViTBlock(nn.Module):
@@ -156,27 +202,27 @@ class LookupViTBlock(nn.Module):
     def forward(self, compressed: Tensor, lookup: Tensor, update_lookup: bool = True, return_attn: bool = False):
         """(B, M, C), (B, N, C) -> the same two, updated. ``update_lookup=False`` (or a block built
         without the lookup update) skips steps 3-4: the lookup tokens come back unchanged.
-        ``return_attn`` also returns the gather (B, heads, M, N) and scatter (B, heads, N, M)
+        ``return_attn`` (eager mode) also returns the gather (B, heads, M, N) and scatter (B, heads, N, M)
         probabilities (None when the scatter is skipped; the logits' softmax over M in a block
         without a lookup update)."""
-        g = self.mhbc.gather(self.gather_norm_q(compressed), self.gather_norm_kv(lookup), return_attn=return_attn)
-        gathered, logits = g[0], g[1]
+        gathered, logits, gather_attn = self.mhbc._gather(self.gather_norm_q(compressed), self.gather_norm_kv(lookup))
         compressed = self.compressed(compressed + self.drop_path(gathered))
-        scatter_attn = None
+        scatter_attn: Optional[Tensor] = None
         if return_attn and update_lookup and not self.lookup_update:
             scatter_attn = logits.softmax(dim=-2).transpose(-2, -1)   # what the scatter would read
-        if update_lookup and self.lookup_update:
-            s = self.mhbc.scatter(logits, self.scatter_norm(compressed), return_attn=return_attn)
-            scattered, scatter_attn = (s if return_attn else (s, None))
+        # scatter_norm is None in a block built without the lookup update (a static check for TorchScript)
+        if update_lookup and self.scatter_norm is not None:
+            scattered, scatter_attn = self.mhbc._scatter(logits, self.scatter_norm(compressed))
             lookup = lookup + self.drop_path(scattered)
             lookup = lookup + self.drop_path(self.lookup_mlp(self.lookup_norm(lookup)))
-        if return_attn:
-            return compressed, lookup, g[2], scatter_attn
+        if return_attn and not torch.jit.is_scripting():
+            return compressed, lookup, gather_attn, scatter_attn
         return compressed, lookup
 
 
 class LookupViT(nn.Module):
     """LookupViT classifier and dense backbone (the lookup stream keeps the full patch grid)."""
+    __jit_ignored_attributes__ = ["_grid_rng"]   # Python RNG for train_grids: eager mode only
 
     def __init__(
             self,
@@ -331,43 +377,45 @@ class LookupViT(nn.Module):
         self.head = new_classifier(self, self.embed_dim, num_classes)
 
     # ---- streams -------------------------------------------------------------------------------
-    def _check_input(self, x: Tensor) -> tuple[int, int]:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
+    def _check_input(self, x: Tensor) -> Tuple[int, int]:
+        """Checks the images (ValueError) and returns their lookup-token grid (H / patch, W / patch)."""
         p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size ({H}, {W}) is not divisible by the patch size {p}; resize or crop it")
-        if not self.dynamic_img_size and (H, W) != self.img_size:
-            raise ValueError(
-                f"image size ({H}, {W}) differs from the size the model was built for {self.img_size}; "
-                "resize the input, or build the model with that img_size or with dynamic_img_size=True")
-        return H // p, W // p
+        if self.dynamic_img_size:
+            _check_images(x, self.in_chans, p, None)
+            return x.shape[-2] // p, x.shape[-1] // p
+        _check_images(x, self.in_chans, p, self.img_size)
+        return self.lookup_grid
 
-    def _grid(self, compressed_grid, lookup_grid: tuple[int, int]) -> tuple[int, int]:
+    def _grid(self, compressed_grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        """This call's compressed grid: the argument, else (in training) one of ``train_grids``, else the
+        default. TorchScript: the argument or the default (no Python RNG)."""
+        if torch.jit.is_scripting():
+            return self.compressed_grid if compressed_grid is None else compressed_grid
+        if is_fx_proxy(compressed_grid):
+            # torch.fx made the argument a graph input: trace at the default grid; the graph refuses
+            # another one at run time
+            _check_traced_grid(compressed_grid, self.compressed_grid)
+            compressed_grid = None
         if compressed_grid is not None:
-            grid = _as_grid(compressed_grid, "compressed_grid")
-        elif self.training and self.train_grids:
-            grid = self._grid_rng.choice(self.train_grids)  # Python RNG: no device sync
-        else:
-            grid = _as_grid(self.compressed_grid, "compressed_grid")
-        _check_grid_fits(grid, lookup_grid, "compressed_grid")
-        return grid
+            return _as_grid(compressed_grid, "compressed_grid")
+        if self.training and self.train_grids:
+            return self._grid_rng.choice(self.train_grids)  # Python RNG: no device sync
+        return self.compressed_grid
 
-    def _embed(self, x: Tensor, compressed_grid) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def _embed(self, x: Tensor, compressed_grid: Optional[Tuple[int, int]]) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
         """Images -> compressed (B, M, C) and lookup (B, N, C) tokens, and the lookup grid."""
         lookup_grid = self._check_input(x)
-        grid = self._grid(compressed_grid, lookup_grid)
+        grid = self._grid(compressed_grid)
+        _check_grid_fits(grid, lookup_grid, "compressed_grid")
         x = self.patch_embed(x)                                   # (B, H_p, W_p, C)
         pos = self.pos_embed
-        if tuple(pos.shape[1:3]) != lookup_grid:                  # only for another image size
-            pos = resample_abs_pos_embed_nhwc(pos, list(lookup_grid))
+        if self.dynamic_img_size:                                 # resampled for another image size
+            pos = _resize_pos_embed(pos, lookup_grid)
         x = x + pos
         B, H, W, C = x.shape
         # in float32: CPU kernels of the antialiased resize lack bfloat16 / float16
         compressed = F.interpolate(
-            x.permute(0, 3, 1, 2).float(), size=grid, mode="bilinear", align_corners=False,
+            x.permute(0, 3, 1, 2).float(), size=[grid[0], grid[1]], mode="bilinear", align_corners=False,
             antialias=self.resize_antialias).to(x.dtype)
         return compressed.flatten(2).transpose(1, 2), x.reshape(B, H * W, C), lookup_grid
 
@@ -379,14 +427,18 @@ class LookupViT(nn.Module):
     def _pooled_tokens(self, c: Tensor, l: Tensor) -> Tensor:
         return self.norm(c) if self.pool == "compressed" else self.norm(torch.cat([c, l], dim=1))
 
-    def forward_features(self, x: Tensor, compressed_grid=None) -> Tensor:
+    def forward_features(self, x: Tensor, compressed_grid: Optional[Tuple[int, int]] = None) -> Tensor:
         """Normalised tokens the head pools: (B, M, C) compressed tokens with ``pool='compressed'``,
         (B, M + N, C) compressed then lookup tokens with ``pool='both'``."""
         c, l, _ = self._embed(x, compressed_grid)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             # the last lookup update cannot reach a head that pools only the compressed tokens
-            c, l = self._run_block(blk, c, l, update_lookup=i < last or self.pool == "both")
+            update_lookup = i < last or self.pool == "both"
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                c, l = checkpoint(blk, c, l, update_lookup, use_reentrant=False)
+            else:
+                c, l = blk(c, l, update_lookup)
         return self._pooled_tokens(c, l)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -395,7 +447,8 @@ class LookupViT(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor, compressed_grid=None) -> Tensor:
+    def forward(self, x: Tensor, compressed_grid: Optional[Tuple[int, int]] = None) -> Tensor:
+        """(B, C, H, W) images -> logits; ``compressed_grid`` (h, w) overrides the default grid for this call."""
         return self.forward_head(self.forward_features(x, compressed_grid=compressed_grid))
 
     def forward_intermediates(

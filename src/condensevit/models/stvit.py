@@ -28,7 +28,6 @@ Our choices where the paper is silent (see also the module's constructor):
 Every layer maps one to one onto DeiT's blocks; the STGM layers take their query projection from the
 first third of DeiT's fused qkv and their key/value projection from the rest (:func:`checkpoint_filter_fn`).
 """
-from __future__ import annotations
 
 import math
 from typing import Dict, List, Optional, Tuple, Union
@@ -43,14 +42,16 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint, named_apply, reinit_non_persistent_buffers
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..layers.attention import CrossAttention, split_qkv
 from ..layers.pooling import POOL_MODES, WindowPool
+from ..layers.tracing import shape_str
 from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
 
-__all__ = ["STViT", "SemanticTokenBlock", "checkpoint_filter_fn"]
+__all__ = ["STViT", "SemanticTokenBlock", "STGMSchedule", "checkpoint_filter_fn"]
 
 
 class SemanticTokenBlock(nn.Module):
@@ -92,46 +93,92 @@ class SemanticTokenBlock(nn.Module):
                 return_attn: bool = False):
         """(B, n, C) semantic and (B, N, C) image tokens -> (B, n, C) semantic tokens.
 
-        With ``return_attn`` also the attention (B, heads, n, context), context = [semantic, image]
-        or image alone, computed through the plain (non-fused) path.
+        With ``return_attn`` (eager mode) also the attention (B, heads, n, context), context =
+        [semantic, image] or image alone, computed through the plain (non-fused) path.
         """
         query = semantic if query_offset is None else semantic + query_offset
         context = torch.cat([semantic, image], dim=1) if self.attend_to_semantic else image
-        out = self.attn(self.norm1(query), self.norm1(context), return_attn=return_attn)
-        out, attn = out if return_attn else (out, None)
+        q, kv = self.norm1(query), self.norm1(context)
+        attn: Optional[Tensor] = None
+        if return_attn and not torch.jit.is_scripting():
+            out, attn = self.attn(q, kv, return_attn=True)
+        else:
+            out = self.attn(q, kv)
         x = query + self.drop_path1(out)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return (x, attn) if return_attn else x
+        if return_attn and not torch.jit.is_scripting():
+            return x, attn
+        return x
+
+
+class STGMSchedule:
+    """The STViT layer schedule, shared by the image and video forms (a mixin of both models): ordinary
+    blocks on the tokens ``x`` before ``stgm_start``, then the initial centres (``center_pool``), the
+    STGM blocks (query: semantic tokens, context: ``x``; global centres added in the second) and the
+    blocks on the semantic tokens. One program for eager PyTorch, torch.fx, dynamo and TorchScript
+    (which unrolls the loop and tells the block kinds apart by a static attribute check)."""
+
+    def _run_schedule(self, x: Tensor, take: List[int], stop: int) -> Tuple[Tensor, List[Tensor]]:
+        """Blocks ``0 .. stop`` on tokens ``x``; returns the last tokens (``x`` if no STGM layer ran,
+        else the semantic ones) and the outputs of the blocks in ``take``, in block order."""
+        outs: List[Tensor] = []
+        semantic: Optional[Tensor] = None
+        for i, blk in enumerate(self.blocks):
+            if i <= stop:
+                if hasattr(blk, "attend_to_semantic"):      # an STGM layer
+                    if semantic is None:
+                        semantic = self.center_pool(x)
+                    offset: Optional[Tensor] = None
+                    if i == self.stgm_start + 1:
+                        offset = self.global_centers
+                    if self.grad_checkpointing and not torch.jit.is_scripting():
+                        semantic = checkpoint(blk, semantic, x, offset)
+                    else:
+                        semantic = blk(semantic, x, offset)
+                    out = semantic
+                elif semantic is None:                      # an ordinary block on the image tokens
+                    if self.grad_checkpointing and not torch.jit.is_scripting():
+                        x = checkpoint(blk, x)
+                    else:
+                        x = blk(x)
+                    out = x
+                else:                                       # an ordinary block on the semantic tokens
+                    if self.grad_checkpointing and not torch.jit.is_scripting():
+                        semantic = checkpoint(blk, semantic)
+                    else:
+                        semantic = blk(semantic)
+                    out = semantic
+                if i in take:
+                    outs.append(out)
+        return (x if semantic is None else semantic), outs
 
 
 def run_stgm_blocks(model: nn.Module, x: Tensor, take_indices=(), stop: Optional[int] = None,
                     collect=None) -> Tensor:
-    """The STViT layer schedule, shared by the image and video forms: ordinary blocks on the
-    tokens ``x`` before ``model.stgm_start``, then the initial centres (``model.center_pool``), the
-    STGM blocks (query: semantic tokens, context: ``x``; global centres added in the second) and the
-    blocks on the semantic tokens. ``collect(tokens, grid)`` receives the output of each block in
-    ``take_indices``. Returns the last tokens (``x`` if no STGM layer ran, else the semantic ones)."""
-    semantic = None
-    for i in range(len(model.blocks) if stop is None else stop + 1):
-        blk = model.blocks[i]
-        if i < model.stgm_start:
-            x = model._run(blk, x)
-            out, grid = x, model.grid_size
-        else:
-            if i == model.stgm_start:
-                semantic = model.center_pool(x)
-            if i < model.stgm_end:
-                offset = model.global_centers if i == model.stgm_start + 1 else None
-                semantic = model._run(blk, semantic, x, offset)
-            else:
-                semantic = model._run(blk, semantic)
-            out, grid = semantic, model.semantic_grid
-        if collect is not None and i in take_indices:
-            collect(out, grid)
-    return x if semantic is None else semantic
+    """:meth:`STGMSchedule._run_schedule` of ``model`` up to block ``stop``; ``collect(tokens, grid)``
+    receives the output of each block in ``take_indices`` with its grid (``model.grid_size`` for
+    image tokens, ``model.semantic_grid`` for semantic ones). Returns the last tokens."""
+    stop = len(model.blocks) - 1 if stop is None else stop
+    take = [i for i in range(stop + 1) if i in take_indices]
+    last, outs = model._run_schedule(x, take, stop)
+    if collect is not None:
+        for i, out in zip(take, outs):
+            collect(out, model.grid_size if i < model.stgm_start else model.semantic_grid)
+    return last
 
 
-class STViT(nn.Module):
+@register_notrace_function   # one leaf node for timm's fx feature extraction ...
+@torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
+def _check_images(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+    """ValueError unless ``x`` is (B, in_chans, *img_size) images."""
+    if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        raise ValueError(
+            f"input of shape {shape_str(x)} does not fit this model, built for (B, {in_chans}, "
+            f"{img_size[0]}, {img_size[1]}) images; resize the input, or build the model "
+            f"with img_size=(H, W) (and in_chans=C) for your images")
+
+
+class STViT(STGMSchedule, nn.Module):
     """STViT, global form: a DeiT whose image tokens are condensed into a few semantic tokens.
 
     Args (keyword-only):
@@ -239,20 +286,11 @@ class STViT(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input of shape {tuple(x.shape)} does not fit this model, built for (B, {self.in_chans}, "
-                f"{self.img_size[0]}, {self.img_size[1]}) images; resize the input, or build the model "
-                f"with img_size=(H, W) (and in_chans=C) for your images")
+        _check_images(x, self.in_chans, self.img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
         self._check_input(x)
         return self.pos_drop(self.patch_embed(x) + self.pos_embed)
-
-    def _run(self, block: nn.Module, *args):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, *args)
-        return block(*args)
 
     def _forward_blocks(self, x: Tensor, take_indices=(), stop: Optional[int] = None, norm: bool = False,
                         reshape: bool = False) -> Tuple[Tensor, List[Tensor]]:
@@ -270,7 +308,7 @@ class STViT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images -> (B, num_semantic_tokens, embed_dim), after the final norm."""
-        x, _ = self._forward_blocks(self._embed(x))
+        x, _ = self._run_schedule(self._embed(x), [], len(self.blocks) - 1)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -49,9 +49,8 @@ border padding is attended to). The released weights were trained this way, so i
 (``padding_mask='released'``); ``'full'`` masks exactly the positions that are not image /
 semantic tokens, ``'none'`` masks nothing.
 """
-from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,13 +59,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import CrossAttention, attend, merge_heads, split_heads
+from ..layers.tracing import building_graph, known_zero, shape_str
 from ..layers.windows import (
-    gather_neighbourhoods, neighbourhood_index, pad_to_multiple, shifted_window_mask, window_partition, window_reverse,
+    gather_neighbourhoods, neighbourhood_index, pad_to_multiple, round_up, shifted_window_mask, window_partition,
+    window_reverse,
 )
 from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
 
@@ -106,8 +108,9 @@ class ConvStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pad:
-            H, W = x.shape[-2:]
-            x = F.pad(x, (0, (-W) % 4, 0, (-H) % 4))
+            pad_b, pad_r = round_up(x.shape[-2], 4) - x.shape[-2], round_up(x.shape[-1], 4) - x.shape[-1]
+            if not (known_zero(pad_b) and known_zero(pad_r)):   # eager: no copy when nothing is padded
+                x = F.pad(x, (0, pad_r, 0, pad_b))
         return self.proj(x).permute(0, 2, 3, 1)
 
 
@@ -143,11 +146,11 @@ class WindowAttention(nn.Module):
 
     def relative_position_bias(self) -> Tensor:
         """(1, heads, N, N)."""
-        N = self.window_size ** 2
+        N = self.window_size * self.window_size
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
         return bias.permute(2, 0, 1).unsqueeze(0)
 
-    def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, shift_mask: Optional[Tensor] = None) -> Tensor:
         """``x`` (B * windows, N, C); ``shift_mask`` (windows, 1, N, N) or None."""
         B_, N, C = x.shape
         q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -176,7 +179,7 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
 
-    def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, shift_mask: Optional[Tensor] = None) -> Tensor:
         B, H, W, C = x.shape
         ws, shift = self.window_size, self.shift_size
         y, pad_b, pad_r = pad_to_multiple(self.norm1(x), ws)
@@ -186,8 +189,7 @@ class SwinBlock(nn.Module):
         y = window_reverse(self.attn(window_partition(y, ws), shift_mask if shift else None), ws, Hp, Wp)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        if pad_b or pad_r:
-            y = y[:, :H, :W]
+        y = y[:, :H, :W]   # drop the padding (a view: free when there is none)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -214,7 +216,10 @@ _CACHE_SIZES = 16  # map sizes whose masks / indices are kept (multi-scale train
 
 
 def _cached(cache: dict, key, make):
-    """``cache[key]``, made on first use; the oldest entry goes when more than a few sizes are kept."""
+    """``cache[key]``, made on first use; the oldest entry goes when more than a few sizes are kept.
+
+    Eager mode only: graph builders (torch.fx, dynamo, TorchScript) build the tensors in the graph
+    from the (possibly symbolic) sizes instead (:func:`condensevit.layers.tracing.building_graph`)."""
     if key not in cache:
         if len(cache) >= _CACHE_SIZES:
             cache.pop(next(iter(cache)))
@@ -222,16 +227,11 @@ def _cached(cache: dict, key, make):
     return cache[key]
 
 
-def _run(block: nn.Module, use_checkpoint: bool, *args, **kwargs):
-    if use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        return checkpoint(block, *args, use_reentrant=False, **kwargs)
-    return block(*args, **kwargs)
-
-
 class SwinStage(nn.Module):
     """Swin blocks (alternately shifted) and an optional patch merging at the end (the released
     layout: the merging belongs to the stage it follows). ``resolution`` (classification form):
     a map no larger than the window is one unshifted window, as in Swin's classifier."""
+    __jit_ignored_attributes__ = ["_masks"]   # the eager-mode cache; TorchScript builds masks in the graph
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
                  qkv_bias: bool, proj_drop: float, attn_drop: float, drop_path: list[float],
@@ -250,20 +250,34 @@ class SwinStage(nn.Module):
         self.grad_checkpointing = False
         self._masks: dict = {}
 
-    def shift_mask(self, H: int, W: int, x: Tensor) -> Tensor | None:
-        """(windows, 1, N, N) mask of the shifted blocks for an (H, W) map, cached by size."""
+    def shift_mask(self, H: int, W: int, x: Tensor) -> Optional[Tensor]:
+        """(windows, 1, N, N) mask of the shifted blocks for an (H, W) map, cached by size in eager
+        mode, built in the graph (from symbolic sizes too) by graph builders."""
         if not self.shift_size or len(self.blocks) < 2:
             return None
         ws = self.window_size
-        Hp, Wp = H + (-H) % ws, W + (-W) % ws
-        return _cached(self._masks, (Hp, Wp, x.device, x.dtype), lambda: shifted_window_mask(
-            Hp, Wp, ws, self.shift_size, device=x.device).unsqueeze(1).to(x.dtype))
+        Hp, Wp = round_up(H, ws), round_up(W, ws)
+        if torch.jit.is_scripting():
+            return self._make_shift_mask(Hp, Wp, x)
+        if building_graph(x):
+            return self._make_shift_mask(Hp, Wp, x)
+        return self._cached_shift_mask(Hp, Wp, x)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _make_shift_mask(self, Hp: int, Wp: int, x: Tensor) -> Tensor:
+        return shifted_window_mask(Hp, Wp, self.window_size, self.shift_size, device=x.device).unsqueeze(1).to(x.dtype)
+
+    @torch.jit.unused
+    def _cached_shift_mask(self, Hp: int, Wp: int, x: Tensor) -> Tensor:
+        return _cached(self._masks, (Hp, Wp, x.device, x.dtype), lambda: self._make_shift_mask(Hp, Wp, x))
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(B, H, W, C) -> (stage output, input of the next stage)."""
         mask = self.shift_mask(x.shape[1], x.shape[2], x)
         for blk in self.blocks:
-            x = _run(blk, self.grad_checkpointing, x, mask)
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
@@ -294,17 +308,17 @@ class _LayerScaleBlock(nn.Module):
     def mlp_residual(self, x: Tensor) -> Tensor:
         return x + self.drop_path(self.layer_scale_2 * self.mlp(self.norm2(x)))
 
-    def neighbourhood_attention(self, queries: Tensor, kv: Tensor, mask: Tensor | None,
-                                return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+    def neighbourhood_attention(self, queries: Tensor, kv: Tensor, mask: Optional[Tensor],
+                                return_attn: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """Windowed cross-attention over gathered keys/values.
 
         ``queries`` (B * windows, M, C) normalised; ``kv`` (B, windows, K, 2C) each window's
         neighbourhood of keys/values (projected once per token, then gathered); ``mask``
         (windows, K) additive or None."""
-        B, nW, K = kv.shape[:3]
+        B, nW, K = kv.shape[0], kv.shape[1], kv.shape[2]
         k, v = kv.view(B * nW, K, -1).chunk(2, dim=-1)
         heads = self.attn.num_heads
-        attn_mask = None
+        attn_mask: Optional[Tensor] = None
         if mask is not None:
             attn_mask = mask.to(k.dtype)[None, :, None, None, :].expand(B, -1, -1, -1, -1).reshape(B * nW, 1, 1, -1)
         return self.attn.attend_projected(queries, split_heads(k, heads), split_heads(v, heads),
@@ -313,6 +327,15 @@ class _LayerScaleBlock(nn.Module):
     def pad_kv(self, like: Tensor) -> Tensor:
         """Key/value of a zero (padding) token: the projection of LayerNorm's bias. (1, 1, 2C)."""
         return self.attn.kv(self.norm1(like.new_zeros(1, 1, like.shape[-1])))
+
+
+def _adaptive_max_pool_static(win: Tensor, n: int) -> Tensor:
+    """``F.adaptive_max_pool2d`` of (B', k, k, C) windows to (B', n, n, C), with PyTorch's bins
+    [floor(i k / n), ceil((i + 1) k / n)) as static slices and maxima."""
+    k = win.shape[1]
+    bins = [((i * k) // n, -((-(i + 1) * k) // n)) for i in range(n)]
+    rows = torch.stack([win[:, a:b].amax(1) for a, b in bins], dim=1)         # (B', n, k, C)
+    return torch.stack([rows[:, :, a:b].amax(2) for a, b in bins], dim=2)     # (B', n, n, C)
 
 
 class SemanticTokenBlock(_LayerScaleBlock):
@@ -334,17 +357,31 @@ class SemanticTokenBlock(_LayerScaleBlock):
         self.pooled_keys = pooled_keys
         self.padded = padded
 
-    def forward(self, x: Tensor, s: Tensor | None, index: Tensor, mask: Tensor | None,
-                return_attn: bool = False):
+    def pool_windows(self, x: Tensor) -> Tensor:
+        """Each window of the (zero-padded) (B, H, W, C) map max-pooled to n x n: (B, sH, sW, C)."""
+        ws, n = self.window_size, self.semantic_size
+        xp, pad_b, pad_r = pad_to_multiple(x, ws)
+        Hp, Wp = xp.shape[1], xp.shape[2]
+        grid = [Hp // ws * n, Wp // ws * n]
+        if torch.jit.is_scripting():
+            return F.adaptive_max_pool2d(xp.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+        if building_graph(Hp):
+            # window by window, so the pooling sizes stay static when the map size is symbolic (and
+            # as slices and maxima, which every exporter translates; ONNX has no adaptive max pool)
+            win = window_partition(xp, ws).view(-1, ws, ws, xp.shape[3])
+            pooled = _adaptive_max_pool_static(win, n).reshape(-1, n * n, xp.shape[3])
+            return window_reverse(pooled, n, grid[0], grid[1])
+        # adaptive pooling of the whole map to (windows * n) bins equals pooling each window to n bins
+        return F.adaptive_max_pool2d(xp.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+
+    def forward(self, x: Tensor, s: Optional[Tensor], index: Tensor, mask: Optional[Tensor],
+                return_attn: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """``x`` (B, H, W, C) image tokens, ``s`` (B, sH, sW, C) semantic grid or None.
         Returns the semantic grid (and the attention (B * windows, heads, n*n, K))."""
         B, H, W, C = x.shape
         n = self.semantic_size
         if s is None:
-            xp, pad_b, pad_r = pad_to_multiple(x, self.window_size)
-            grid = ((H + pad_b) // self.window_size * n, (W + pad_r) // self.window_size * n)
-            # adaptive pooling of the whole map to (windows * n) bins equals pooling each window to n bins
-            s = F.adaptive_max_pool2d(xp.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+            s = self.pool_windows(x)
         sH, sW = s.shape[1], s.shape[2]
         q_in = self.norm1(s)
         kv = self.attn.kv(self.norm1(x)).flatten(1, 2)
@@ -364,17 +401,21 @@ class SemanticBlock(_LayerScaleBlock):
     """Attention of tokens ``x`` (any (B, ..., C) layout) over a ``context`` (itself when None), or,
     with ``local_window``, self-attention inside local windows of a (B, sH, sW, C) grid."""
 
-    def __init__(self, *args, local_window: int | None = None, **kwargs):
+    def __init__(self, *args, local_window: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.local_window = local_window
 
-    def forward(self, x: Tensor, context: Tensor | None = None, return_attn: bool = False):
+    def forward(self, x: Tensor, context: Optional[Tensor] = None,
+                return_attn: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         shape = x.shape
         n = self.local_window
-        q = window_partition(self.norm1(x), n) if n else self.norm1(x.reshape(shape[0], -1, shape[-1]))
+        if n is not None:
+            q = window_partition(self.norm1(x), n)
+        else:
+            q = self.norm1(x.reshape(shape[0], -1, shape[-1]))
         k, v = self.attn.project_kv(q if context is None else self.norm1(context))
         out, attn = self.attn.attend_projected(q, k, v, return_attn=return_attn)
-        out = window_reverse(out, n, shape[1], shape[2]) if n else out.view(shape)
+        out = window_reverse(out, n, shape[1], shape[2]) if n is not None else out.view(shape)
         x = x + self.drop_path(self.layer_scale_1 * out)
         return self.mlp_residual(x), attn
 
@@ -387,49 +428,74 @@ class RecoveryBlock(_LayerScaleBlock):
         super().__init__(*args, **kwargs)
         self.window_size = window_size
 
-    def forward(self, x: Tensor, s: Tensor, index: Tensor, mask: Tensor | None, return_attn: bool = False):
+    def forward(self, x: Tensor, s: Tensor, index: Tensor, mask: Optional[Tensor],
+                return_attn: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         B, H, W, C = x.shape
         ws = self.window_size
         q_in, pad_b, pad_r = pad_to_multiple(self.norm1(x), ws)   # padded queries are cropped below
         kv = gather_neighbourhoods(self.attn.kv(self.norm1(s)).flatten(1, 2), index, self.pad_kv(x))
         out, attn = self.neighbourhood_attention(window_partition(q_in, ws), kv, mask, return_attn)
-        out = window_reverse(out, ws, H + pad_b, W + pad_r)
-        if pad_b or pad_r:
-            out = out[:, :H, :W]
+        out = window_reverse(out, ws, H + pad_b, W + pad_r)[:, :H, :W]   # a view when nothing was padded
         x = x + self.drop_path(self.layer_scale_1 * out)
         return self.mlp_residual(x), attn
 
 
+@register_notrace_function   # one leaf node for timm's fx feature extraction ...
+@torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
+def _check_images(x: Tensor, in_chans: int, img_size: Optional[Tuple[int, int]]) -> None:
+    """ValueError unless ``x`` is (B, in_chans, H, W) images, of ``img_size`` when given (classifier)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        got = str(x.shape[1]) if x.dim() == 4 else "..."
+        raise ValueError(f"expected images (B, {in_chans}, H, W), got shape {shape_str(x)}; "
+                         f"build the model with in_chans={got} for other channel counts")
+    if img_size is not None and (x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]):
+        raise ValueError(
+            f"the STViT-R classifier takes {img_size[0]}x{img_size[1]} images only, got "
+            f"{x.shape[-2]}x{x.shape[-1]}: resize the input, or use the dense backbone "
+            f"(timm.create_model('stvit_r_det_swin_small_patch4_window7', ...), any size)")
+
+
 class _Geometry(NamedTuple):
-    """Index tensors and masks of one stage-3 map size (built once per size)."""
+    """Index tensors and masks of one stage-3 map size (built once per size in eager mode, in the
+    graph by graph builders). Indices the form does not use are empty."""
     semantic_index: Tensor          # (windows, K1) into [image tokens, pad, (pooled tokens)]
-    semantic_mask: Tensor | None
-    refine_index: Tensor | None     # dense: (windows, K2) into [image tokens, pad]
-    refine_mask: Tensor | None
-    recovery_index: Tensor | None   # dense: (windows, K3) into [semantic tokens, pad]
-    recovery_mask: Tensor | None
+    semantic_mask: Optional[Tensor]
+    refine_index: Tensor            # dense: (windows, K2) into [image tokens, pad]
+    refine_mask: Optional[Tensor]
+    recovery_index: Tensor          # dense: (windows, K3) into [semantic tokens, pad]
+    recovery_mask: Optional[Tensor]
 
 
-def _neighbourhood_mask(coords: Tensor, height: int, width: int, pad_b: int, pad_r: int, mode: str) -> Tensor | None:
+def _positive(n: int) -> int:
+    """1 if n > 0 else 0, for n >= 0, in integer arithmetic: a symbolic size (torch.export,
+    torch.fx) stays a formula instead of becoming a branch pinned to the traced size."""
+    return (2 * n) // (n + 1)
+
+
+def _neighbourhood_mask(coords: Tensor, height: int, width: int, pad_b: int, pad_r: int,
+                        mode: str, value: float = _MASK_VALUE) -> Optional[Tensor]:
     """Additive mask (windows, K) of neighbourhood positions ``coords`` (2, windows, K) on a
     (height, width) padded map (the released code's view: the last ``pad_b`` rows and ``pad_r``
     columns are padding). See the module docstring for ``mode``."""
     if mode == "none":
         return None
-    rows, cols = coords
+    rows, cols = coords[0], coords[1]
     outside = (rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)
     if mode == "full":
         masked = outside | (rows >= height - pad_b) | (cols >= width - pad_r)
     else:  # 'released': the intersection of padded rows and columns; all rows (columns) if none padded
-        r0 = max(height - pad_b, 0) if pad_b else 0
-        c0 = max(width - pad_r, 0) if pad_r else 0
+        # first masked row: height - pad_b when rows are padded, else 0; a negative value selects the
+        # same positions as 0 (rows above the map are outside anyway)
+        r0 = (height - pad_b) * _positive(pad_b)
+        c0 = (width - pad_r) * _positive(pad_r)
         masked = outside | ((rows >= r0) & (cols >= c0))
-    return torch.zeros(masked.shape, device=coords.device).masked_fill(masked, _MASK_VALUE)
+    return torch.zeros(masked.shape, device=coords.device).masked_fill(masked, value)
 
 
 class DumbbellStage(nn.Module):
     """Stage 3: repeated units of six blocks (see the module docstring); flat ``blocks`` keep the
     released parameter names (unit ``u`` is ``blocks[6u:6u+6]``)."""
+    __jit_ignored_attributes__ = ["_geometry"]   # the eager-mode cache; TorchScript builds it in the graph
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
                  qkv_bias: bool, proj_drop: float, attn_drop: float, drop_path: list[float], *,
@@ -478,67 +544,123 @@ class DumbbellStage(nn.Module):
     def num_units(self) -> int:
         return len(self.blocks) // 6
 
-    def geometry(self, H: int, W: int, device) -> _Geometry:
-        """Neighbourhood indices and masks for an (H, W) stage-3 map, built once per size."""
+    def geometry(self, H: int, W: int, device: torch.device) -> _Geometry:
+        """Neighbourhood indices and masks for an (H, W) stage-3 map: built once per size in eager
+        mode; built in the graph (from symbolic sizes too) by torch.fx, dynamo and TorchScript."""
+        if torch.jit.is_scripting():
+            return self._make_geometry(H, W, device)
+        if building_graph(H) or building_graph(W):
+            return self._make_geometry(H, W, device)
+        return self._cached_geometry(H, W, device)
+
+    @torch.jit.unused
+    def _cached_geometry(self, H: int, W: int, device: torch.device) -> _Geometry:
         return _cached(self._geometry, (H, W, device), lambda: self._make_geometry(H, W, device))
 
-    def _make_geometry(self, H: int, W: int, device) -> _Geometry:
+    def _image_neighbourhoods(self, H: int, W: int, kernel: int,
+                              device: torch.device) -> Tuple[Tensor, Optional[Tensor]]:
+        """Dense form: ``kernel`` x ``kernel`` image neighbourhoods centred on each window."""
+        ws = self.window_size
+        Hp, Wp = round_up(H, ws), round_up(W, ws)
+        index, coords = neighbourhood_index(H, W, (Hp // ws, Wp // ws), kernel, ws, (kernel - ws) // 2, device)
+        return index, _neighbourhood_mask(coords, Hp, Wp, Hp - H, Wp - W, self.padding_mask)
+
+    def _make_geometry(self, H: int, W: int, device: torch.device) -> _Geometry:
         ws, n = self.window_size, self.semantic_size
-        Hp, Wp = H + (-H) % ws, W + (-W) % ws
+        Hp, Wp = round_up(H, ws), round_up(W, ws)
         pad_b, pad_r = Hp - H, Wp - W
         grid = (Hp // ws, Wp // ws)
         sH, sW = grid[0] * n, grid[1] * n
         if self.dense:
-            def image_neighbourhoods(kernel):
-                index, coords = neighbourhood_index(H, W, grid, kernel, ws, (kernel - ws) // 2, device)
-                return index, _neighbourhood_mask(coords, Hp, Wp, pad_b, pad_r, self.padding_mask)
-            sem_index, sem_mask = image_neighbourhoods(self.semantic_kernel)
-            ref_index, ref_mask = image_neighbourhoods(self.refine_kernel)
+            sem_index, sem_mask = self._image_neighbourhoods(H, W, self.semantic_kernel, device)
+            ref_index, ref_mask = self._image_neighbourhoods(H, W, self.refine_kernel, device)
             k = self.recovery_kernel
             rec_index, coords = neighbourhood_index(sH, sW, grid, k, n, (k - n) // 2, device)
             # the semantic grid itself has no padding, but the released mask marks the image's
             # padded rows/columns (pad_b, pad_r, counted in image tokens) on it
-            rec_mask = _neighbourhood_mask(coords, sH, sW, *((pad_b, pad_r) if self.padding_mask == "released"
-                                                               else (0, 0)), self.padding_mask)
-            geo = _Geometry(sem_index, sem_mask, ref_index, ref_mask, rec_index, rec_mask)
-        else:
-            k, stride = self.semantic_kernel, self.semantic_stride
-            index, _ = neighbourhood_index(H, W, grid, k, stride, 0, device)
-            # each window's own pooled tokens, stored after the image tokens and the pad slot
-            t = torch.arange(n, device=device)
-            pr = (torch.arange(grid[0], device=device) * n)[:, None] + t                        # (rows, n)
-            pc = (torch.arange(grid[1], device=device) * n)[:, None] + t
-            pooled = (pr[:, None, :, None] * sW + pc[None, :, None, :]).reshape(grid[0] * grid[1], n * n)
-            geo = _Geometry(torch.cat([pooled + H * W + 1, index], dim=1), None, None, None, None, None)
-        return geo
+            if self.padding_mask == "released":
+                rec_mask = _neighbourhood_mask(coords, sH, sW, pad_b, pad_r, self.padding_mask)
+            else:
+                rec_mask = _neighbourhood_mask(coords, sH, sW, 0, 0, self.padding_mask)
+            return _Geometry(sem_index, sem_mask, ref_index, ref_mask, rec_index, rec_mask)
+        k, stride = self.semantic_kernel, self.semantic_stride
+        index, _ = neighbourhood_index(H, W, grid, k, stride, 0, device)
+        # each window's own pooled tokens, stored after the image tokens and the pad slot
+        t = torch.arange(n, device=device)
+        pr = (torch.arange(grid[0], device=device) * n)[:, None] + t                        # (rows, n)
+        pc = (torch.arange(grid[1], device=device) * n)[:, None] + t
+        pooled = (pr[:, None, :, None] * sW + pc[None, :, None, :]).reshape(grid[0] * grid[1], n * n)
+        none = torch.zeros(0, 0, dtype=torch.long, device=device)   # indices the classifier does not use
+        return _Geometry(torch.cat([pooled + H * W + 1, index], dim=1), None, none, None, none, None)
 
-    def forward(self, x: Tensor, attn_unit: int | None = None):
-        """(B, H, W, C) -> (stage output, next-stage input[, attention of unit ``attn_unit``])."""
+    def forward(self, x: Tensor, attn_unit: Optional[int] = None):
+        """(B, H, W, C) -> (stage output, next-stage input[, attention of unit ``attn_unit``: a dict
+        with 'semantic', 'recovery' and 'semantic_grid', eager mode only])."""
+        if attn_unit is not None and not torch.jit.is_scripting():
+            x, s, a_sem, a_rec = self._forward_units(x, attn_unit)
+            maps = dict(semantic=a_sem, recovery=a_rec, semantic_grid=tuple(s.shape[1:3]))
+            return x, (self.downsample(x) if self.downsample is not None else x), maps
+        x, _, _, _ = self._forward_units(x, -1)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+    def _forward_units(self, x: Tensor, attn_unit: int) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The dumbbell units on (B, H, W, C) image tokens: (image tokens, last semantic grid, and the
+        semantic / recovery attention of unit ``attn_unit`` (None for other values, e.g. -1)).
+
+        One flat loop over ``blocks`` (the released names), each block's role told by its position
+        in the unit (``i % 6``) and its kind (static attribute checks, which TorchScript resolves
+        at compile time as it unrolls the loop)."""
         B, H, W, C = x.shape
         geo = self.geometry(H, W, x.device)
-        ckpt = self.grad_checkpointing
-        maps = {}
-        for u in range(self.num_units):
-            swin, make, refine, local, glob, recover = self.blocks[6 * u:6 * u + 6]
-            want = attn_unit == u
-            x = _run(swin, ckpt, x)
-            s, a_sem = _run(make, ckpt, x, None, geo.semantic_index, geo.semantic_mask, return_attn=want)
-            if self.dense:
-                s, _ = _run(refine, ckpt, x, s, geo.refine_index, geo.refine_mask)
-            else:
-                q = s + self.global_centers.view(1, s.shape[1], s.shape[2], C) \
-                    if (u == 0 and self.global_centers is not None) else s
-                s, _ = _run(refine, ckpt, q, torch.cat([s.flatten(1, 2), x.flatten(1, 2)], dim=1))
-            s, _ = _run(local, ckpt, s)
-            s, _ = _run(glob, ckpt, s)
-            if self.dense:
-                x, a_rec = _run(recover, ckpt, x, s, geo.recovery_index, geo.recovery_mask, return_attn=want)
-            else:
-                x, a_rec = _run(recover, ckpt, x, s.flatten(1, 2), return_attn=want)
-            if want:
-                maps = dict(semantic=a_sem, recovery=a_rec, semantic_grid=s.shape[1:3])
-        out = (x, self.downsample(x) if self.downsample is not None else x)
-        return out + (maps,) if attn_unit is not None else out
+        s = x   # the semantic grid, made by step 1 of every unit
+        a_sem: Optional[Tensor] = None
+        a_rec: Optional[Tensor] = None
+        for i, blk in enumerate(self.blocks):
+            step, want = i % 6, i // 6 == attn_unit
+            ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+            if hasattr(blk, "shift_size"):         # 0: window attention on the image tokens
+                if ckpt and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, None, use_reentrant=False)
+                else:
+                    x = blk(x, None)
+            elif hasattr(blk, "pooled_keys"):      # 1 (dense: also 2): semantic tokens from image neighbourhoods
+                index, mask = (geo.semantic_index, geo.semantic_mask) if step == 1 else (geo.refine_index, geo.refine_mask)
+                prev: Optional[Tensor] = None if step == 1 else s
+                if ckpt and not torch.jit.is_scripting():
+                    s, a = checkpoint(blk, x, prev, index, mask, want and step == 1, use_reentrant=False)
+                else:
+                    s, a = blk(x, prev, index, mask, want and step == 1)
+                if want and step == 1:
+                    a_sem = a
+            elif hasattr(blk, "window_size"):      # dense 5: each image window reads a patch of the semantic grid
+                if ckpt and not torch.jit.is_scripting():
+                    x, a = checkpoint(blk, x, s, geo.recovery_index, geo.recovery_mask, want, use_reentrant=False)
+                else:
+                    x, a = blk(x, s, geo.recovery_index, geo.recovery_mask, want)
+                if want:
+                    a_rec = a
+            else:                                  # semantic-token attention (SemanticBlock)
+                context: Optional[Tensor] = None
+                if step == 5:                      # classification 5: recovery, the image tokens read all s
+                    q, context = x, s.flatten(1, 2)
+                elif step == 2:                    # classification 2: s (+ global centres, unit 0) reads [s, x]
+                    q = s
+                    if self.global_centers is not None and i < 6:
+                        q = s + self.global_centers.view(1, s.shape[1], s.shape[2], C)
+                    context = torch.cat([s.flatten(1, 2), x.flatten(1, 2)], dim=1)
+                else:                              # 3, 4: local, then global self-attention of s
+                    q = s
+                if ckpt and not torch.jit.is_scripting():
+                    y, a = checkpoint(blk, q, context, want and step == 5, use_reentrant=False)
+                else:
+                    y, a = blk(q, context, want and step == 5)
+                if step == 5:
+                    x = y
+                    if want:
+                        a_rec = a
+                else:
+                    s = y
+        return x, s, a_sem, a_rec
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,19 +877,23 @@ class STViTR(nn.Module):
             self.global_pool = global_pool
         self.head = new_classifier(self, self.num_features, num_classes)
 
-    def _final_norm(self) -> nn.Module:
-        # dense form: the output norm of the last stage (norm3, or another after pruning)
-        return getattr(self, f"norm{len(self.layers) - 1}") if self.dense else self.norm
+    def _final_norm(self, x: Tensor) -> Tensor:
+        """The final norm: ``norm`` (classifier), or in the dense form the output norm of the last
+        stage (``norm3``, or another after pruning). Written with static attribute checks and
+        ``len(self.layers)`` so that TorchScript resolves it."""
+        if hasattr(self, "norm3"):   # dense form
+            n = len(self.layers)
+            if n == 1:
+                return self.norm0(x)
+            if n == 2:
+                return self.norm1(x)
+            if n == 3:
+                return self.norm2(x)
+            return self.norm3(x)
+        return self.norm(x)
 
     def _check_input(self, x: Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; "
-                             f"build the model with in_chans={x.shape[1] if x.dim() == 4 else '...'} for other channel counts")
-        if not self.dense and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"the STViT-R classifier takes {self.img_size[0]}x{self.img_size[1]} images only, got "
-                f"{x.shape[-2]}x{x.shape[-1]}: resize the input, or use the dense backbone "
-                f"(timm.create_model('stvit_r_det_swin_small_patch4_window7', ...), any size)")
+        _check_images(x, self.in_chans, self.img_size)
 
     def _stage_norm(self, i: int, x: Tensor) -> Tensor:
         return getattr(self, f"norm{i}")(x)
@@ -805,7 +931,7 @@ class STViTR(nn.Module):
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
-        return self._final_norm()(out), intermediates
+        return self._final_norm(out), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -832,9 +958,10 @@ class STViTR(nn.Module):
         the dense form), as timm's Swin."""
         self._check_input(x)
         x = self.patch_embed(x)
+        out = x
         for stage in self.layers:
             out, x = stage(x)
-        return self._final_norm()(out)
+        return self._final_norm(out)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, H, W, C) map -> logits (B, classes) (``global_pool=''``: (B, H, W, classes))."""

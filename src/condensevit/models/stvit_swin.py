@@ -37,12 +37,12 @@ the (smaller) semantic grid are resized with timm's ``resize_rel_pos_bias_table`
 the global centres start from their initial values. An STViT-R checkpoint loads where its layers
 correspond (see :func:`checkpoint_filter_fn`).
 """
-from __future__ import annotations
 
 import fnmatch
 import math
 import re
 import warnings
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,11 +50,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, PatchEmbed, get_device_dtype, resize_rel_pos_bias_table, trunc_normal_
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import split_qkv
+from ..layers.tracing import shape_str
 from ..layers.windows import shifted_window_mask, window_neighbourhood_index, window_partition
 from ._builder import CheckpointError, build, complete_state_dict, unwrap_state_dict
 from .stvit_r import ConvStem, PatchMerging, SemanticBlock, SemanticTokenBlock, SwinBlock, SwinStage
@@ -64,10 +66,19 @@ __all__ = ["STViTSwin", "SemanticStage", "checkpoint_filter_fn", "semantic_index
 STEMS = ("patch", "conv")
 
 
-def _run(block: nn.Module, use_checkpoint: bool, *args, **kwargs):
-    if use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        return checkpoint(block, *args, use_reentrant=False, **kwargs)
-    return block(*args, **kwargs)
+@register_notrace_function   # one leaf node for timm's fx feature extraction ...
+@torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
+def _check_images(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+    """ValueError unless ``x`` is (B, in_chans, *img_size) images (TorchScript compiles it too)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        got = str(x.shape[1]) if x.dim() == 4 else "..."
+        raise ValueError(f"expected images (B, {in_chans}, H, W), got shape {shape_str(x)}; build the "
+                         f"model with in_chans={got} for other channel counts")
+    if x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]:
+        raise ValueError(
+            f"this model takes {img_size[0]}x{img_size[1]} images (its semantic tokens and global "
+            f"centres are laid out for that size), got {x.shape[-2]}x{x.shape[-1]}: resize the input, or build "
+            f"the model with img_size=({x.shape[-2]}, {x.shape[-1]}) (a multiple of 4)")
 
 
 def semantic_index(height: int, width: int, window_size: int, semantic_size: int, kernel: int,
@@ -157,23 +168,46 @@ class SemanticStage(nn.Module):
 
     def forward(self, x: Tensor, return_attn: bool = False):
         """(B, H, W, C) -> (semantic grid, next-stage input[, attention maps]). With ``return_attn``
-        the module's attention probabilities come back too (plain path): ``semantic`` (B * windows,
-        heads, n*n, n*n + K) and ``refine`` (B, heads, sH*sW, sH*sW + H*W)."""
-        ckpt = self.grad_checkpointing
+        (eager mode only) the module's attention probabilities come back too: ``semantic``
+        (B * windows, heads, n*n, n*n + K) and ``refine`` (B, heads, sH*sW, sH*sW + H*W).
+
+        One loop over ``blocks`` (Swin's names), each block's role told by its kind (static
+        attribute checks, which TorchScript resolves as it unrolls the loop) and its position."""
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         s0 = self.stgm_start
         mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype)
-        for blk in self.blocks[:s0]:
-            x = _run(blk, ckpt, x, mask)
-        make, refine = self.blocks[s0], self.blocks[s0 + 1]
-        s, a_make = _run(make, ckpt, x, None, self.semantic_index, None, return_attn=return_attn)
-        B, sH, sW, C = s.shape
-        q = s if self.global_centers is None else s + self.global_centers.view(1, sH, sW, C)
-        s, a_refine = _run(refine, ckpt, q, torch.cat([s.flatten(1, 2), x.flatten(1, 2)], dim=1),
-                           return_attn=return_attn)
-        for blk in self.blocks[s0 + 2:]:
-            s, _ = _run(blk, ckpt, s)
-        out = (s, self.downsample(s) if self.downsample is not None else s)
-        return out + (dict(semantic=a_make, refine=a_refine),) if return_attn else out
+        s = x   # the semantic grid, made by the module's first block
+        a_make: Optional[Tensor] = None
+        a_refine: Optional[Tensor] = None
+        for j, blk in enumerate(self.blocks):
+            if hasattr(blk, "shift_size"):            # Swin blocks on the image tokens
+                if ckpt and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, mask, use_reentrant=False)
+                else:
+                    x = blk(x, mask)
+            elif hasattr(blk, "pooled_keys"):         # the module's first block: the semantic tokens
+                if ckpt and not torch.jit.is_scripting():
+                    s, a_make = checkpoint(blk, x, None, self.semantic_index, None, return_attn, use_reentrant=False)
+                else:
+                    s, a_make = blk(x, None, self.semantic_index, None, return_attn)
+            else:                                     # semantic blocks
+                context: Optional[Tensor] = None
+                q = s
+                if j == s0 + 1:                       # the module's second block: s (+ centres) reads [s, x]
+                    if self.global_centers is not None:
+                        q = s + self.global_centers.view(1, s.shape[1], s.shape[2], s.shape[3])
+                    context = torch.cat([s.flatten(1, 2), x.flatten(1, 2)], dim=1)
+                want = return_attn and j == s0 + 1
+                if ckpt and not torch.jit.is_scripting():
+                    s, a = checkpoint(blk, q, context, want, use_reentrant=False)
+                else:
+                    s, a = blk(q, context, want)
+                if j == s0 + 1:
+                    a_refine = a
+        down = self.downsample(s) if self.downsample is not None else s
+        if return_attn and not torch.jit.is_scripting():
+            return s, down, dict(semantic=a_make, refine=a_refine)
+        return s, down
 
 
 class STViTSwin(nn.Module):
@@ -378,14 +412,7 @@ class STViTSwin(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}; build the "
-                             f"model with in_chans={x.shape[1] if x.dim() == 4 else '...'} for other channel counts")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"this model takes {self.img_size[0]}x{self.img_size[1]} images (its semantic tokens and global "
-                f"centres are laid out for that size), got {x.shape[-2]}x{x.shape[-1]}: resize the input, or build "
-                f"the model with img_size=({x.shape[-2]}, {x.shape[-1]}) (a multiple of 4)")
+        _check_images(x, self.in_chans, self.img_size)
 
     def forward_intermediates(
             self,

@@ -44,12 +44,11 @@ Choices the papers leave open (each made here, named options where reasonable):
 * Input: exactly ``num_frames`` frames of ``img_size``; anything else is a ValueError that names
   the fix (the data sets in :mod:`condensevit.data.video` sample a fixed number of frames).
 """
-from __future__ import annotations
 
 import math
 import numbers
 import random
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -58,12 +57,14 @@ from timm.layers import LayerNorm, resample_patch_embed, trunc_normal_
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._input import update_model_args
 from timm.models._manipulate import checkpoint, named_apply, reinit_non_persistent_buffers
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor
 
 from ..layers.pooling import POOL_MODES, WindowPool
+from ..layers.tracing import is_fx_proxy, shape_str
 from ..layers.spacetime import (
     PATCH_INFLATIONS, TubeletEmbed, inflate_patch_embed, resample_pos_embed_3d, resize_volume, tile_pos_embed,
 )
@@ -71,7 +72,7 @@ from . import lookupvit as _lookupvit
 from . import stvit as _stvit
 from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
 from .lookupvit import LookupViTBlock, _ensure_lookup_update, _resolve_pool
-from .stvit import SemanticTokenBlock, run_stgm_blocks
+from .stvit import SemanticTokenBlock, STGMSchedule, run_stgm_blocks
 
 __all__ = [
     "VideoViT", "STViTVideo", "LookupViTVideo", "checkpoint_filter_fn", "stvit_checkpoint_filter_fn",
@@ -80,6 +81,44 @@ __all__ = [
 
 LOOKUP_POOLS = ("compressed", "both")
 _OUTPUT_FMTS = ("NCHW", "NCTHW", "NLC")   # 'NCHW' is timm's name for channels-first: (B, C, T', H', W') here
+
+
+@register_notrace_function   # one leaf node for timm's fx feature extraction ...
+@torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
+def _check_clips(x: Tensor, in_chans: int, num_frames: int, tubelet_frames: int, img_size: Tuple[int, int],
+                 patch_size: int) -> None:
+    """ValueError unless ``x`` is (B, in_chans, num_frames, *img_size) clips; the message names the fix."""
+    want = f"(B, {in_chans}, {num_frames}, {img_size[0]}, {img_size[1]})"
+    if x.dim() == 4:
+        raise ValueError(
+            f"input of shape {shape_str(x)} is a batch of images; video models take clips {want} "
+            f"(B, C, T, H, W): stack {num_frames} frames on dim 2")
+    if x.dim() != 5:
+        raise ValueError(f"input of shape {shape_str(x)} is not a batch of clips {want} (B, C, T, H, W)")
+    C, T, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    if C != in_chans:
+        raise ValueError(
+            f"the clips have {C} channels but the model takes {in_chans} (input {shape_str(x)}, expected "
+            f"{want}); convert the frames (e.g. grey to RGB), or build the model with in_chans={C}")
+    if T != num_frames:
+        kt = tubelet_frames
+        if T < num_frames:
+            why = f"fewer than the {num_frames} frames this model takes"
+        elif T % kt != 0:
+            why = f"not a multiple of the tubelet's {kt} frames"
+        else:
+            why = f"more than the {num_frames} frames this model takes"
+        usable = T - T % kt
+        rebuild = f", or build the model with num_frames={usable}" if usable >= kt else ""
+        raise ValueError(
+            f"the clips have {T} frames, {why} (input {shape_str(x)}, expected {want}); sample "
+            f"{num_frames} frames per clip (e.g. condensevit.data.video.ClipFolder(num_frames="
+            f"{num_frames})){rebuild}")
+    if H != img_size[0] or W != img_size[1]:
+        raise ValueError(
+            f"the frames are {H}x{W} but the model was built for {img_size[0]}x{img_size[1]} (input "
+            f"{shape_str(x)}, expected {want}); resize the frames, or build the model with img_size=({H}, {W}) "
+            f"(a multiple of the patch size {patch_size})")
 
 
 def _as_ints(value, name: str, n: int, example: str) -> tuple[int, ...]:
@@ -142,37 +181,7 @@ class _VideoModel(nn.Module):
 
     # ---- input -----------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
-        want = f"(B, {self.in_chans}, {self.num_frames}, {self.img_size[0]}, {self.img_size[1]})"
-        if x.dim() == 4:
-            raise ValueError(
-                f"input of shape {tuple(x.shape)} is a batch of images; video models take clips {want} "
-                f"(B, C, T, H, W): stack {self.num_frames} frames on dim 2")
-        if x.dim() != 5:
-            raise ValueError(f"input of shape {tuple(x.shape)} is not a batch of clips {want} (B, C, T, H, W)")
-        _, C, T, H, W = x.shape
-        if C != self.in_chans:
-            raise ValueError(
-                f"the clips have {C} channels but the model takes {self.in_chans} (input {tuple(x.shape)}, expected "
-                f"{want}); convert the frames (e.g. grey to RGB), or build the model with in_chans={C}")
-        if T != self.num_frames:
-            kt = self.tubelet_frames
-            if T < self.num_frames:
-                why = f"fewer than the {self.num_frames} frames this model takes"
-            elif T % kt:
-                why = f"not a multiple of the tubelet's {kt} frames"
-            else:
-                why = f"more than the {self.num_frames} frames this model takes"
-            usable = T - T % kt
-            rebuild = f", or build the model with num_frames={usable}" if usable >= kt else ""
-            raise ValueError(
-                f"the clips have {T} frames, {why} (input {tuple(x.shape)}, expected {want}); sample "
-                f"{self.num_frames} frames per clip (e.g. condensevit.data.video.ClipFolder(num_frames="
-                f"{self.num_frames})){rebuild}")
-        if (H, W) != self.img_size:
-            raise ValueError(
-                f"the frames are {H}x{W} but the model was built for {self.img_size[0]}x{self.img_size[1]} (input "
-                f"{tuple(x.shape)}, expected {want}); resize the frames, or build the model with img_size=({H}, {W}) "
-                f"(a multiple of the patch size {self.patch_size})")
+        _check_clips(x, self.in_chans, self.num_frames, self.tubelet_frames, self.img_size, self.patch_size)
 
     def _embed(self, x: Tensor) -> Tensor:
         """Clips -> (B, T', H', W', C) tubelet tokens with the position embedding added."""
@@ -298,7 +307,10 @@ class VideoViT(_VideoModel):
         """(B, C, T, H, W) clips -> (B, T'*H'*W', embed_dim) tokens (time-major), after the final norm."""
         x = self._embed(x).flatten(1, 3)
         for blk in self.blocks:
-            x = self._run(blk, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -350,7 +362,7 @@ class VideoViT(_VideoModel):
 
 
 # ===================================================================================== STViT
-class STViTVideo(_VideoModel):
+class STViTVideo(STGMSchedule, _VideoModel):
     """STViT on the joint space-time ViT: semantic tokens pooled over space and time.
 
     Layers ``0 .. stgm_start-1`` are ordinary blocks on the tubelet tokens X; the module's first
@@ -456,7 +468,7 @@ class STViTVideo(_VideoModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, T, H, W) clips -> (B, num_semantic_tokens, embed_dim), after the final norm."""
-        x, _ = self._forward_blocks(self._embed(x).flatten(1, 3))
+        x, _ = self._run_schedule(self._embed(x).flatten(1, 3), [], len(self.blocks) - 1)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -546,6 +558,7 @@ class STViTVideo(_VideoModel):
 
 # ================================================================================= LookupViT
 class LookupViTVideo(_VideoModel):
+    __jit_ignored_attributes__ = ["_grid_rng"]   # Python RNG for train_grids: eager mode only
     """LookupViT on tubelets: the (T', H', W') tubelet tokens are the lookup tokens; a compressed
     (t, h, w) grid of tokens, resized from them once before the first block, gets the full blocks.
 
@@ -629,14 +642,22 @@ class LookupViTVideo(_VideoModel):
                 "image)")
         return grid
 
-    def _grid(self, compressed_grid) -> tuple[int, int, int]:
+    def _grid(self, compressed_grid: Optional[Tuple[int, int, int]]) -> Tuple[int, int, int]:
+        """This call's grid (as the image form's ``_grid``; TorchScript: the argument or the default)."""
+        if torch.jit.is_scripting():
+            return self.compressed_grid if compressed_grid is None else compressed_grid
+        if is_fx_proxy(compressed_grid):
+            # torch.fx made the argument a graph input: trace at the default grid; the graph refuses
+            # another one at run time
+            _lookupvit._check_traced_grid(compressed_grid, self.compressed_grid)   # (fx patches it there)
+            compressed_grid = None
         if compressed_grid is not None:
             return self._check_grid(compressed_grid, "compressed_grid")
         if self.training and self.train_grids:
             return self._grid_rng.choice(self.train_grids)   # Python RNG: no device sync
         return self.compressed_grid
 
-    def _streams(self, x: Tensor, compressed_grid) -> tuple[Tensor, Tensor]:
+    def _streams(self, x: Tensor, compressed_grid: Optional[Tuple[int, int, int]]) -> Tuple[Tensor, Tensor]:
         """Clips -> compressed (B, M, C) and lookup (B, N, C) tokens."""
         grid = self._grid(compressed_grid)
         x = self._embed(x)                                               # (B, T', H', W', C)
@@ -646,14 +667,18 @@ class LookupViTVideo(_VideoModel):
     def _pooled_tokens(self, c: Tensor, l: Tensor) -> Tensor:
         return self.norm(c) if self.pool == "compressed" else self.norm(torch.cat([c, l], dim=1))
 
-    def forward_features(self, x: Tensor, compressed_grid=None) -> Tensor:
+    def forward_features(self, x: Tensor, compressed_grid: Optional[Tuple[int, int, int]] = None) -> Tensor:
         """Normalised tokens the head pools: (B, M, C) compressed tokens with ``pool='compressed'``,
         (B, M + N, C) compressed then lookup tokens with ``pool='both'``."""
         c, l = self._streams(x, compressed_grid)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             # the last lookup update cannot reach a head that pools only the compressed tokens
-            c, l = self._run(blk, c, l, i < last or self.pool == "both")
+            update_lookup = i < last or self.pool == "both"
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                c, l = checkpoint(blk, c, l, update_lookup)
+            else:
+                c, l = blk(c, l, update_lookup)
         return self._pooled_tokens(c, l)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -662,7 +687,7 @@ class LookupViTVideo(_VideoModel):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor, compressed_grid=None) -> Tensor:
+    def forward(self, x: Tensor, compressed_grid: Optional[Tuple[int, int, int]] = None) -> Tensor:
         return self.forward_head(self.forward_features(x, compressed_grid=compressed_grid))
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,

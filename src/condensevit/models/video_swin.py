@@ -32,13 +32,13 @@ Input of the condensed model: exactly ``num_frames`` frames of ``img_size`` (its
 and global centres are laid out for that clip); the map is padded to the windows as Video Swin pads
 it, and windows longer than the map shrink to it, as in Video Swin.
 """
-from __future__ import annotations
 
 import math
 import numbers
 import re
 from contextlib import nullcontext
 from functools import partial
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,12 +46,14 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.video.swin_transformer import PatchEmbed3d, ShiftedWindowAttention3d, SwinTransformer3d
 
 from ..layers.attention import split_qkv
+from ..layers.tracing import known_zero, shape_str
 from ..layers.windows import window_neighbourhood_index
 from ._builder import CheckpointError, complete_state_dict, new_classifier, unwrap_state_dict
 from .stvit_r import SemanticBlock, SemanticTokenBlock
@@ -88,6 +90,33 @@ def _stage_sizes(num_frames: int, img_size: tuple[int, int], patch_size: tuple[i
         sizes.append((t, h, w))
         h, w = -(-h // 2), -(-w // 2)
     return sizes
+
+
+@register_notrace_function   # one leaf node for timm's fx feature extraction ...
+@torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
+def _check_clips(x: Tensor, in_chans: int, num_frames: int, img_size: Tuple[int, int]) -> None:
+    """ValueError unless ``x`` is a (B, in_chans, T, H, W) batch of clips (TorchScript compiles it too)."""
+    want = f"(B, {in_chans}, T, H, W) (this model: T={num_frames}, {img_size[0]}x{img_size[1]})"
+    if x.dim() == 4:
+        raise ValueError(f"input of shape {shape_str(x)} is a batch of images; video models take clips {want}: "
+                         "stack the frames on dim 2")
+    if x.dim() != 5:
+        raise ValueError(f"input of shape {shape_str(x)} is not a batch of clips {want}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"the clips have {x.shape[1]} channels but the model takes {in_chans} (input "
+                         f"{shape_str(x)}); convert the frames, or build the model with in_chans={x.shape[1]}")
+
+
+@register_notrace_function
+@torch.fx.wrap
+def _check_clip_size(x: Tensor, num_frames: int, img_size: Tuple[int, int]) -> None:
+    """ValueError unless the (B, C, T, H, W) clips have ``num_frames`` frames of ``img_size``."""
+    T, H, W = x.shape[2], x.shape[3], x.shape[4]
+    if T != num_frames or H != img_size[0] or W != img_size[1]:
+        raise ValueError(
+            f"this model takes clips of {num_frames} frames of {img_size[0]}x{img_size[1]} (its "
+            f"semantic tokens and global centres are laid out for them), got {T} frames of {H}x{W}: sample "
+            f"{num_frames} frames and resize them, or build the model with num_frames={T}, img_size=({H}, {W})")
 
 
 # ===================================================================================== baseline
@@ -192,15 +221,7 @@ class VideoSwin(SwinTransformer3d):
 
     # ---- input / stages ------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
-        want = f"(B, {self.in_chans}, T, H, W) (this model: T={self.num_frames}, {self.img_size[0]}x{self.img_size[1]})"
-        if x.dim() == 4:
-            raise ValueError(f"input of shape {tuple(x.shape)} is a batch of images; video models take clips {want}: "
-                             "stack the frames on dim 2")
-        if x.dim() != 5:
-            raise ValueError(f"input of shape {tuple(x.shape)} is not a batch of clips {want}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"the clips have {x.shape[1]} channels but the model takes {self.in_chans} (input "
-                             f"{tuple(x.shape)}); convert the frames, or build the model with in_chans={x.shape[1]}")
+        _check_clips(x, self.in_chans, self.num_frames, self.img_size)
 
     def _run_stage(self, i: int, x: Tensor) -> Tensor:
         """Stage ``i``'s blocks (torchvision's ``features[2i]``) on a (B, T, H, W, C) map."""
@@ -215,6 +236,10 @@ class VideoSwin(SwinTransformer3d):
         """Yield (stage index, stage output) for stages 0..stop; patch merging between them."""
         self._check_input(x)
         x = self.pos_drop(self.patch_embed(x))
+        yield from self._stages_of(x, stop)
+
+    def _stages_of(self, x: Tensor, stop: int | None = None):
+        """:meth:`_stages` from the embedded (B, T', H', W', C) map on (eager mode)."""
         last = self.num_stages - 1 if stop is None else stop
         for i in range(last + 1):
             if i:
@@ -226,13 +251,25 @@ class VideoSwin(SwinTransformer3d):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, T, H, W) clips -> (B, T', H', W', C) final tokens after the final norm, channels-last
         as torchvision's ``features`` give them (and timm's Swin its NHWC maps)."""
-        for _, x in self._stages(x):
-            pass
+        self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = self._checkpointed_features(x)
+        else:
+            x = self.features(x)   # torchvision's stages and patch merging, as its forward runs them
         return self.norm(x)
 
+    @torch.jit.unused
+    def _checkpointed_features(self, x: Tensor) -> Tensor:
+        """The stages with gradient checkpointing (block by block; eager mode)."""
+        for _, x in self._stages_of(x):
+            pass
+        return x
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, T', H', W', C) map -> logits (B, classes) (``global_pool=''``: per position)."""
         if self.global_pool == "avg":
-            x = x.mean(dim=tuple(range(1, x.dim() - 1)))
+            x = x.mean(dim=(1, 2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -301,7 +338,7 @@ class VideoSwin(SwinTransformer3d):
 
 
 # ================================================================================ STViT parts
-def _partition(x: Tensor, window: tuple[int, ...]) -> Tensor:
+def _partition(x: Tensor, window: Tuple[int, int, int]) -> Tensor:
     """(B, T, H, W, C) -> (B * windows, t*h*w, C), windows and tokens in row-major order."""
     B, T, H, W, C = x.shape
     t, h, w = window
@@ -309,7 +346,7 @@ def _partition(x: Tensor, window: tuple[int, ...]) -> Tensor:
     return x.reshape(-1, t * h * w, C)
 
 
-def _reverse(x: Tensor, window: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
+def _reverse(x: Tensor, window: Tuple[int, int, int], size: Tuple[int, int, int]) -> Tensor:
     """The inverse of :func:`_partition`: (B * windows, t*h*w, C) -> (B, T, H, W, C)."""
     T, H, W = size
     t, h, w = window
@@ -330,15 +367,19 @@ class SpaceTimeSemanticTokenBlock(SemanticTokenBlock):
                          padded=False, **kwargs)
         self.window, self.semantic_shape = tuple(window), tuple(semantic_shape)
 
-    def forward(self, x: Tensor, index: Tensor, return_attn: bool = False):
+    def forward(self, x: Tensor, index: Tensor, return_attn: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """``x`` (B, T, H, W, C); ``index`` (windows, K) into [tubelet tokens, pooled tokens].
         Returns the (B, sT, sH, sW, C) semantic grid and the attention (B * windows, heads, m, K)."""
         B, T, H, W, C = x.shape
-        pad = [(-s) % w for s, w in zip((T, H, W), self.window)]
-        xp = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0])) if any(pad) else x
-        grid = tuple((s + p) // w * n for s, p, w, n in zip((T, H, W), pad, self.window, self.semantic_shape))
+        wt, wh, ww = self.window
+        nt, nh, nw = self.semantic_shape
+        pt, ph, pw = (-T) % wt, (-H) % wh, (-W) % ww
+        xp = x
+        if not (known_zero(pt) and known_zero(ph) and known_zero(pw)):   # eager: no copy when nothing is padded
+            xp = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))
+        grid = ((T + pt) // wt * nt, (H + ph) // wh * nh, (W + pw) // ww * nw)
         # adaptive pooling of the whole map to (windows * n) bins = pooling each window to n bins
-        s = F.adaptive_max_pool3d(xp.permute(0, 4, 1, 2, 3), grid).permute(0, 2, 3, 4, 1)
+        s = F.adaptive_max_pool3d(xp.permute(0, 4, 1, 2, 3), [grid[0], grid[1], grid[2]]).permute(0, 2, 3, 4, 1)
         q_in = self.norm1(s)
         table = torch.cat([self.attn.kv(self.norm1(x)).flatten(1, 3), self.attn.kv(q_in).flatten(1, 3)], dim=1)
         out, attn = self.neighbourhood_attention(_partition(q_in, self.semantic_shape), table[:, index], None,
@@ -408,22 +449,52 @@ class SpaceTimeSemanticStage(nn.Sequential):
             self.size, self.window, self.semantic_shape, self.semantic_kernel, device), persistent=False)
 
     def forward(self, x: Tensor, return_attn: bool = False):
-        ckpt = self.grad_checkpointing
+        """(B, T, H, W, C) -> the semantic grid (and, with ``return_attn``, eager mode only, the
+        module's attention maps ``semantic`` and ``refine``).
+
+        One loop over the blocks (torchvision's names), each block's role told by its kind (static
+        attribute checks, which TorchScript resolves as it unrolls the loop) and its position."""
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         s0 = self.stgm_start
-        for j in range(s0):
-            x = _maybe_checkpoint(self[j], ckpt, x)
-        s, a_make = _maybe_checkpoint(self[s0], ckpt, x, self.semantic_index, return_attn=return_attn)
-        B, sT, sH, sW, C = s.shape
-        q = s if self.global_centers is None else s + self.global_centers.view(1, sT, sH, sW, C)
-        s, a_refine = _maybe_checkpoint(self[s0 + 1], ckpt, q, torch.cat([s.flatten(1, 3), x.flatten(1, 3)], dim=1),
-                                        return_attn=return_attn)
-        for j in range(s0 + 2, len(self)):
-            if (j - s0) % 2 == 0:   # inside each window
-                y, _ = _maybe_checkpoint(self[j], ckpt, _partition(s, self.semantic_shape))
-                s = _reverse(y, self.semantic_shape, self.grid)
-            else:
-                s, _ = _maybe_checkpoint(self[j], ckpt, s)
-        return (s, dict(semantic=a_make, refine=a_refine)) if return_attn else s
+        s = x   # the semantic grid, made by the module's first block
+        a_make: Optional[Tensor] = None
+        a_refine: Optional[Tensor] = None
+        for j, blk in enumerate(self):
+            if hasattr(blk, "semantic_shape"):        # the module's first block: the semantic tokens
+                if ckpt and not torch.jit.is_scripting():
+                    s, a_make = checkpoint(blk, x, self.semantic_index, return_attn, use_reentrant=False)
+                else:
+                    s, a_make = blk(x, self.semantic_index, return_attn)
+            elif hasattr(blk, "local_window"):        # semantic blocks
+                context: Optional[Tensor] = None
+                q = s
+                local = (j - s0) % 2 == 0             # inside each window's tokens, else over all of them
+                if j == s0 + 1:                       # the module's second block: s (+ centres) reads [s, x]
+                    if self.global_centers is not None:
+                        q = s + self.global_centers.view(1, s.shape[1], s.shape[2], s.shape[3], s.shape[4])
+                    context = torch.cat([s.flatten(1, 3), x.flatten(1, 3)], dim=1)
+                elif local:
+                    q = _partition(s, self.semantic_shape)
+                want = return_attn and j == s0 + 1
+                if ckpt and not torch.jit.is_scripting():
+                    y, a = checkpoint(blk, q, context, want, use_reentrant=False)
+                else:
+                    y, a = blk(q, context, want)
+                if j == s0 + 1:
+                    a_refine = a
+                    s = y
+                elif local:
+                    s = _reverse(y, self.semantic_shape, self.grid)
+                else:
+                    s = y
+            else:                                     # torchvision's Swin blocks on the tubelet tokens
+                if ckpt and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+        if return_attn and not torch.jit.is_scripting():
+            return s, dict(semantic=a_make, refine=a_refine)
+        return s
 
 
 class STViTVideoSwin(VideoSwin):
@@ -493,20 +564,20 @@ class STViTVideoSwin(VideoSwin):
             self.feature_info[i]["temporal_reduction"] = int(round(self.patch_size[0] * window[0] / semantic_shape[0]))
 
     def _check_input(self, x: Tensor) -> None:
-        super()._check_input(x)
-        if tuple(x.shape[2:]) != (self.num_frames, *self.img_size):
-            T, H, W = x.shape[2:]
-            raise ValueError(
-                f"this model takes clips of {self.num_frames} frames of {self.img_size[0]}x{self.img_size[1]} (its "
-                f"semantic tokens and global centres are laid out for them), got {T} frames of {H}x{W}: sample "
-                f"{self.num_frames} frames and resize them, or build the model with num_frames={T}, img_size=({H}, {W})")
+        _check_clips(x, self.in_chans, self.num_frames, self.img_size)
+        _check_clip_size(x, self.num_frames, self.img_size)
 
     def _run_stage(self, i: int, x: Tensor) -> Tensor:
         if i == self.stgm_stage:
-            stage = self.features[2 * i]
-            stage.grad_checkpointing = self.grad_checkpointing
-            return stage(x)
+            return self.features[2 * i](x)   # checkpoints block by block itself
         return super()._run_stage(i, x)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        stage = self.features[2 * self.stgm_stage] if 2 * self.stgm_stage < len(self.features) else None
+        if isinstance(stage, SpaceTimeSemanticStage):
+            stage.grad_checkpointing = enable
 
     @torch.no_grad()
     def token_maps(self, x: Tensor) -> dict:

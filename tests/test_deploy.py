@@ -347,18 +347,21 @@ def _run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("family, kw, size", [
-    ("stvit", ["embed_dim=32", "depth=3", "num_heads=2", "img_size=64", "num_semantic_tokens=4", "stgm_start=1"], 64),
-    ("stvit_swin", ["embed_dim=16", "depths=(1,1,6,1)", "num_heads=(1,1,2,2)", "stgm_start=2"], 224),
+@pytest.mark.parametrize("name, kw, shape, fixed", [
+    (FAMILIES["stvit"][0], ["embed_dim=32", "depth=3", "num_heads=2", "img_size=64", "num_semantic_tokens=4",
+                            "stgm_start=1"], "(batch, 3, 64, 64)", "fixed: channels 3, height 64, width 64"),
+    # a video family: clips (B, C, T, H, W), the frame count fixed with the size
+    (VIDEO["stvit_video"][0], ["embed_dim=32", "depth=3", "num_heads=2", "num_frames=4", "img_size=32",
+                               "semantic_grid=(1,2,2)", "stgm_start=1"],
+     "(batch, 3, 4, 32, 32)", "fixed: channels 3, frames 4, height 32, width 32"),
 ])
-def test_export_command_onnx(family, kw, size, tmp_path, capsys):
-    name = FAMILIES[family][0]
+def test_export_command_onnx(name, kw, shape, fixed, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     code, text, err = _run_cli(capsys, "export", "--model", name, "--model-kwargs", *kw, "--out", str(out))
     assert code == 0, err
     assert out.is_file()
-    assert "ONNX opset" in text and f"(batch, 3, {size}, {size})" in text and "dynamic: batch (dim 0)" in text
-    assert f"fixed: channels 3, height {size}, width {size}" in text
+    assert "ONNX opset" in text and shape in text and "dynamic: batch (dim 0)" in text
+    assert fixed in text
     assert "verified in ONNX Runtime" in text and "(tolerance 0.0001)" in text
 
 

@@ -150,15 +150,25 @@ def test_train_throughput_runs_forward_backward_and_optimizer_steps():
 
 
 def test_own_peak_memory_counts_what_the_model_adds():
-    from condensevit.measure import OwnPeakMemory
-    import time
-    mem = OwnPeakMemory("cpu")
-    w = torch.ones(64, 2**18)  # 64 MiB of float32, "the weights"
-    mem.start()
-    with mem.track():
-        tmp = w * 2  # another 64 MiB at the peak, "the activations", held a while as a step holds them
-        time.sleep(0.1)
-        del tmp
-    peak = mem.peak_bytes() / 2**20
+    # OwnPeakMemory measures a model in its own fresh process (bench runs one process per model):
+    # in a test worker that has run other tests, freed heap pages kept by the allocator would absorb
+    # the new tensors and the reading would depend on test order. So: a fresh interpreter.
+    import subprocess
+    import sys
+    code = """
+import time, torch
+from condensevit.measure import OwnPeakMemory
+mem = OwnPeakMemory("cpu")
+w = torch.ones(64, 2**18)  # 64 MiB of float32, "the weights"
+mem.start()
+with mem.track():
+    tmp = w * 2  # another 64 MiB at the peak, "the activations", held a while as a step holds them
+    time.sleep(0.1)
+    del tmp
+print(mem.peak_bytes() / 2**20)
+print(mem.method)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    peak = float(out[0])
     assert 120 < peak < 200, peak
-    assert "own process" in mem.method
+    assert "own process" in out[1]

@@ -58,7 +58,10 @@ wait
 train_captioner lookupvit_2x2 lookupvit --encoder-kwargs compressed_grid=2x2 > "$out/captioners/lookupvit_2x2.log" 2>&1 &
 train_captioner lookupvit_4x4 lookupvit --encoder-kwargs compressed_grid=4x4 > "$out/captioners/lookupvit_4x4.log" 2>&1 &
 wait
+# both LookupViT streams (9 compressed + 64 lookup tokens) to the decoder: the best LookupViT row
+train_captioner lookupvit_3x3_both lookupvit --encoder-kwargs compressed_grid=3x3 --streams both \
+    > "$out/captioners/lookupvit_3x3_both.log" 2>&1
 
 # ---- 3. test-split scores, GMACs per caption, captions/s in alternating rounds -> OUT/report.md
 read -r -a PY <<< "${PYTHON:-.venv/bin/python}"
-OMP_NUM_THREADS=1 "${PY[@]}" benchmarks/caption_report.py "$out" vit stvit lookupvit_2x2 lookupvit_3x3 lookupvit_4x4
+OMP_NUM_THREADS=1 "${PY[@]}" benchmarks/caption_report.py "$out" vit stvit lookupvit_2x2 lookupvit_3x3 lookupvit_4x4 lookupvit_3x3_both

@@ -90,3 +90,90 @@ def test_help_shows_each_default_once_and_truthfully():
     bench = _option_helps(parsers["bench"])
     assert bench["--rounds"].endswith("images/s is the median of the rounds (with an even number, the mean of the "
                                       "middle two) (default: 2)")
+
+
+# ------------------------------------------------------------- options checked before any work
+
+BAD_TRAIN_OPTIONS = [
+    (["--aa", "foo"], "--aa 'foo' is not an augmentation timm knows (Unknown AA policy foo); e.g. rand-m9-mstd0.5-inc1"),
+    (["--aa", "rand-mfoo"], "--aa 'rand-mfoo' is not an augmentation timm knows: section 'mfoo' is not a setting"),
+    (["--aa", "rand-m9foo"], "--aa 'rand-m9foo' is not an augmentation timm knows"),
+    (["--smoothing", "1.5"], "--smoothing must be in [0, 1) (got 1.5)"),
+    (["--clip-grad", "-1"], "--clip-grad must be > 0 (got -1); omit it for no clipping"),
+    (["--model-ema-decay", "2"], "--model-ema-decay must be in [0, 1) (got 2)"),
+    (["--warmup-epochs", "-3"], "--warmup-epochs must be >= 0 (got -3)"),
+    (["--scale", "1.0,0.1"], "--scale 1,0.1 is not a crop-area range: give the smaller first: 0.1,1"),
+    (["--scale", "0.5,2"], "--scale 0.5,2 is not a crop-area range: two area fractions 0 < MIN <= MAX <= 1"),
+    (["--hflip", "2"], "--hflip must be in [0, 1] (got 2)"),
+    (["--mixup", "-1"], "--mixup must be >= 0 (got -1)"),
+    (["--cutmix", "-1"], "--cutmix must be >= 0 (got -1)"),
+    (["--mixup-prob", "1.5"], "--mixup-prob must be in [0, 1] (got 1.5)"),
+    (["--reprob", "5"], "--reprob must be in [0, 1] (got 5)"),
+    (["--save-every-steps", "0"], "--save-every-steps must be at least 1 (got 0)"),
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1 (got 0)"),
+    (["--lr", "-1"], "--lr must be > 0 (got -1)"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0 (got -0.1)"),
+    (["--color-jitter", "-1"], "--color-jitter must be >= 0 (got -1)"),
+    (["--repeated-aug-repeats", "0"], "--repeated-aug-repeats must be at least 1 (got 0)"),
+    (["--distillation-alpha", "2"], "--distillation-alpha must be in [0, 1] (got 2)"),
+    (["--distillation-tau", "0"], "--distillation-tau must be > 0 (got 0)"),
+    (["--workers", "-1"], "--workers must be >= 0 (got -1)"),
+    (["--log-interval", "0"], "--log-interval must be at least 1 (got 0)"),
+    (["--opt", "foo"], "--opt 'foo' is not a timm optimizer; e.g. adamw, sgd"),
+    (["--sched", "foo"], "--sched 'foo' is not a timm scheduler this trainer can use; e.g. cosine"),
+    (["--sched", "plateau"], "steps once per epoch on a validation metric"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_TRAIN_OPTIONS, ids=[" ".join(e) for e, _ in BAD_TRAIN_OPTIONS])
+def test_train_options_out_of_range_are_one_line_errors_before_any_work(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "deit_tiny_patch16_224", "--output", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing was started
+
+
+def test_a_yaml_recipe_gets_the_same_range_errors(tmp_path, capsys):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: deit_tiny_patch16_224\nclip_grad: -1\n")
+    assert main(["train", "--config", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    assert "--clip-grad must be > 0 (got -1); omit it for no clipping" in capsys.readouterr().err
+    cfg.write_text("model: deit_tiny_patch16_224\naa: rand-mfoo\n")
+    assert main(["train", "--config", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    assert "--aa 'rand-mfoo'" in capsys.readouterr().err
+
+
+def test_train_config_check_accepts_good_values_and_the_papers_recipes():
+    from condensevit.train.config import TrainConfig, check_aa
+    TrainConfig(model="x", clip_grad=5.0, smoothing=0.0, scale=(0.08, 1.0), hflip=0.5, mixup=0.8, cutmix=1.0,
+                reprob=0.25, model_ema_decay=0.99996, opt="lamb", sched="step").check()
+    for spec in ("rand-m9-mstd0.5-inc1", "rand-m6-n3-mstd0.5", "augmix-m5-w4-d2", "v0", "original", "none", None):
+        check_aa(spec)
+    with pytest.raises(ValueError, match="--lr must be > 0"):
+        TrainConfig(model="x", lr=0.0).check()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["caption", "train", "--smoothing", "1.5"], "--smoothing must be in [0, 1) (got 1.5)"),
+    (["caption", "train", "--clip-grad", "-1"], "--clip-grad must be >= 0 (got -1); 0 turns clipping off"),
+    (["caption", "train", "--lr", "0"], "--lr must be > 0 (got 0)"),
+    (["bench", "--models", "deit_tiny_patch16_224", "--threads", "-2"], "--threads must be >= 1 (got -2)"),
+    (["bench", "--models", "deit_tiny_patch16_224", "--min-time", "-1"], "--min-time must be >= 0 (got -1)"),
+    (["bench", "--models", "deit_tiny_patch16_224", "--iters", "0"], "--iters must be at least 1 (got 0)"),
+    (["demo", "--threads", "0"], "--threads must be at least 1 (got 0)"),
+    (["eval", "--checkpoint", "x.safetensors", "--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", "sample:china", "--max-tokens", "0"],
+     "--max-tokens must be at least 1 (got 0)"),
+])
+def test_other_commands_check_their_numbers_first(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] in ("demo", "viz"):
+        argv = argv + ["--out", str(tmp_path / ("d" if argv[0] == "demo" else "v.png"))]
+    if argv[:2] == ["caption", "train"]:
+        argv = argv + ["--output", str(tmp_path / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

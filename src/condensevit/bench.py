@@ -313,8 +313,11 @@ def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, co
     from tqdm.auto import tqdm
     if mode not in ("inference", "train"):
         raise _usage_error(f"--mode {mode!r} must be inference or train")
-    if rounds < 1 or iters < 1 or warmup < 0 or batch_size < 1:
-        raise _usage_error("--rounds, --iters and --batch-size must be at least 1, --warmup at least 0")
+    from .train.config import check_range
+    for flag, value in (("--rounds", rounds), ("--iters", iters), ("--batch-size", batch_size)):
+        check_range(flag, value, lo=1)
+    check_range("--warmup", warmup, lo=0)
+    check_range("--min-time", min_time, lo=0, fix="0 times exactly --iters batches")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise _usage_error("--device cuda was asked for but no CUDA GPU is available here; use --device cpu")
@@ -470,6 +473,8 @@ def _cmd_bench(args) -> int:
             raise _usage_error(f"--input-size {args.input_size!r}: {e}") from e
         if len(input_size) == 1:
             input_size = (3, input_size[0], input_size[0])
+    if args.threads < 0:
+        raise _usage_error(f"--threads must be >= 1 (got {args.threads}); omit it (or 0) for torch's choice")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.runtime != "eager":   # ONNX Runtime / torch.compile next to eager: condensevit.deploy

@@ -317,15 +317,17 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
             print(msg, flush=True)
 
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds} must be at least 1")
+        raise ValueError(f"--seeds must be at least 1 (got {seeds})")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {threads}); omit it for torch's choice")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--epochs must be at least 1 (got {epochs})")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     recipe = dict(RECIPE, **(QUICK if quick else {}))
     if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"--epochs {epochs} must be at least 1")
         recipe["epochs"] = epochs
     seed_list = list(range(seeds))
     log(f"condensevit demo: training {len(DEMO_MODELS)} models on the embedded digits "

@@ -388,6 +388,8 @@ def _cmd_viz(args) -> int:
     from .data import model_input_size
     from .outputs import check_output_file
     check_output_file(args.out, "--out")  # before any model is built
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
     if args.model:
         _check_model_name(args.model)
     elif not args.checkpoint:

@@ -177,3 +177,28 @@ def test_other_commands_check_their_numbers_first(tmp_path, capsys, monkeypatch,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ figure files named truly
+
+@pytest.mark.parametrize("argv,flag", [
+    (["bench", "--models", "deit_tiny_patch16_224", "--quiet", "--plot"], "--plot"),
+    (["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", "sample:china", "--out"], "--out"),
+    (["caption", "predict", "--checkpoint", "missing.safetensors", "--image", "sample:digit_scenes", "--viz"], "--viz"),
+])
+def test_figure_outputs_need_a_format_matplotlib_writes_checked_first(tmp_path, capsys, argv, flag):
+    assert main(argv + [str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {tmp_path / 'x.txt'}: matplotlib cannot write .txt figures; use one of" in err
+    assert "png" in err and "svg" in err and "Traceback" not in err
+    assert main(argv + [str(tmp_path / "noext")]) == 2  # savefig would write noext.png: refused, not guessed
+    err = capsys.readouterr().err
+    assert f"{flag} {tmp_path / 'noext'} has no extension; name the figure's format, e.g. {tmp_path / 'noext'}.png" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_figure_file_check_accepts_matplotlibs_formats(tmp_path):
+    from condensevit.outputs import check_figure_file, figure_formats
+    assert {"png", "pdf", "svg", "jpg"} <= set(figure_formats())
+    for ext in ("png", "PDF", "svg"):
+        check_figure_file(str(tmp_path / f"f.{ext}"), "--out")

@@ -458,10 +458,11 @@ def bench_figure(result: dict):
 
 
 def _cmd_bench(args) -> int:
-    from .outputs import check_output_file
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            check_output_file(path, flag)  # before any model is built
+    from .outputs import check_figure_file, check_output_file
+    if args.json:
+        check_output_file(args.json, "--json")  # before any model is built
+    if args.plot:
+        check_figure_file(args.plot, "--plot")
     specs = _split_top_level(args.models)
     if not specs:
         raise _usage_error("--models is empty; give a comma-separated list, the baseline first")
@@ -572,7 +573,7 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="measure every model in this process (starts quicker; peak memory is then not measured)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
-    p.add_argument("--plot", default=None, help="write a throughput-vs-GMACs PNG here")
+    p.add_argument("--plot", default=None, help="write a throughput-vs-GMACs figure here (.png, .pdf, .svg, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
 

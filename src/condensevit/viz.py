@@ -386,8 +386,8 @@ def _cmd_viz(args) -> int:
     from . import models as _  # noqa: F401  (registers the models)
     from .bench import _check_model_name
     from .data import model_input_size
-    from .outputs import check_output_file
-    check_output_file(args.out, "--out")  # before any model is built
+    from .outputs import check_figure_file
+    check_figure_file(args.out, "--out")  # before any model is built
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
     if args.model:
@@ -465,7 +465,7 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="an image file, or a built-in image: sample:china / sample:flower (scikit-learn's "
                         "photographs), sample:digit[:N] (a validation digit); for video models a clip: "
                         "sample:moving_digits[:N], a folder of frame images or a video file")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="figure to write; its extension names the format (.png, .pdf, .svg, ...)")
     p.add_argument("--size", default=None, help="HxW to run the model at (default: its input size)")
     p.add_argument("--frame", type=int, default=None,
                    help="video models: the tubelet slice T' to draw (default: the middle one)")

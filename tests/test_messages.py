@@ -202,3 +202,137 @@ def test_figure_file_check_accepts_matplotlibs_formats(tmp_path):
     assert {"png", "pdf", "svg", "jpg"} <= set(figure_formats())
     for ext in ("png", "PDF", "svg"):
         check_figure_file(str(tmp_path / f"f.{ext}"), "--out")
+
+
+# ---------------------------------------------------------------- the reason, not a symptom
+
+def _lookup_run(folder):
+    """A run folder as training leaves it: last.safetensors (with metadata) and last.state.pth."""
+    import torch
+    lookup = timm.create_model("lookupvit_tiny_patch16_224", num_classes=10, **TINY_LOOKUP)
+    folder.mkdir()
+    save_weights(str(folder / "last.safetensors"), lookup.state_dict(),
+                 dict(format="condensevit", model="lookupvit_tiny_patch16_224", model_kwargs=TINY_LOOKUP,
+                      num_classes=10))
+    torch.save({"optimizer": {"state": {}}, "global_step": 3, "epoch": 1, "weights_file": "last.safetensors"},
+               folder / "last.state.pth")
+    return folder
+
+
+def test_eval_takes_a_run_folder_and_names_the_state_file_as_such(tmp_path, capsys):
+    run = _lookup_run(tmp_path / "run")
+    assert main(["eval", "--checkpoint", str(run), "--limit-batches", "1", "--batch-size", "8", "--json"]) == 0
+    assert str(run / "last.safetensors") in capsys.readouterr().out  # the folder stands for its last.safetensors
+    assert main(["eval", "--checkpoint", str(run / "last.state.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "it is a training run's state (optimizer, schedule, random generators), not its weights; pass " \
+           f"'{run / 'last.safetensors'}' beside it" in err and "holds no tensors" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--checkpoint", str(empty)]) == 2
+    assert "is a folder that holds no checkpoint" in capsys.readouterr().err
+    (empty / "w.pth").write_bytes(b"")
+    assert main(["eval", "--checkpoint", str(empty)]) == 2
+    assert f"is a folder, not a checkpoint file; pass one of its files, e.g. '{empty / 'w.pth'}'" in \
+        capsys.readouterr().err
+
+
+def test_pretrained_file_takes_a_run_folder(tmp_path):
+    from condensevit.models.factory import create_model
+    run = _lookup_run(tmp_path / "run")
+    model = create_model("lookupvit_tiny_patch16_224", num_classes=10, pretrained_file=str(run),
+                         model_kwargs=TINY_LOOKUP)
+    from safetensors.torch import load_file
+    import torch
+    saved = load_file(str(run / "last.safetensors"))
+    assert torch.equal(model.state_dict()["head.weight"], saved["head.weight"])
+
+
+def test_viz_names_a_folder_without_frames(tmp_path, capsys):
+    (tmp_path / "frames").mkdir()
+    assert main(["viz", "--model", "stvit_deit_tiny_patch16_224", "--image", str(tmp_path / "frames"),
+                 "--out", str(tmp_path / "v.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--image '{tmp_path / 'frames'}' is a folder without frames" in err and "is a clip" not in err
+
+
+def test_a_non_integer_img_size_is_named_not_a_formatting_error(tmp_path, capsys):
+    assert main(["train", "--model", "stvit_deit_tiny_patch16_224", "--model-kwargs", "img_size=abc",
+                 "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "img_size='abc' must be 2 positive ints, e.g. 224 or (224, 224)" in err
+    assert "string formatting" not in err
+
+
+def test_bench_says_an_image_model_was_given_a_clip_size(capsys):
+    assert main(["bench", "--models", "deit_tiny_patch16_224", "--input-size", "3,4,64,64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--input-size 3,4,64,64 is a clip size (C, T, H, W) but deit_tiny_patch16_224 is an image model" in err
+    assert "num_frames" not in err
+
+
+def test_caption_data_without_images_says_so(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "a.json").write_text('{"images": [], "annotations": []}')
+    assert main(["caption", "train", "--encoder", "stvit_deit_tiny_patch16_224", "--encoder-kwargs", "img_size=64",
+                 "patch_size=8", "embed_dim=32", "depth=4", "num_heads=2", "stgm_start=2",
+                 "--data", f"coco:{tmp_path / 'a.json'}:{tmp_path / 'img'}", "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "the captions file has no images" in err and "--split-file" not in err
+
+
+# ------------------------------------------------------------------------- model input checks
+
+TINY_IMAGE_FAMILIES = {
+    "stvit_deit_tiny_patch16_224": dict(embed_dim=32, depth=3, num_heads=2, img_size=64, num_semantic_tokens=4,
+                                        stgm_start=1),
+    "stvit_r_swin_tiny_patch4_window7_224": dict(embed_dim=16, depths=(1, 1, 6, 1), num_heads=(1, 1, 2, 2)),
+    "lookupvit_tiny_patch16_224": dict(embed_dim=32, depth=2, num_heads=2, img_size=64, compressed_grid=(2, 2)),
+    "stvit_swin_tiny_patch4_window7_224": dict(embed_dim=16, depths=(1, 1, 6, 1), num_heads=(1, 1, 2, 2),
+                                               stgm_start=2),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_IMAGE_FAMILIES))
+def test_image_models_name_channels_last_integer_and_empty_input(name):
+    import torch
+    model = timm.create_model(name, num_classes=5, **TINY_IMAGE_FAMILIES[name]).eval()
+    size = model.pretrained_cfg["input_size"][1:] if "img_size" not in TINY_IMAGE_FAMILIES[name] else (64, 64)
+    with pytest.raises(ValueError, match=r"looks channels-last \(B, H, W, C\); images are \(B, C, H, W\): pass "
+                                         r"x.permute\(0, 3, 1, 2\)"):
+        model(torch.zeros(1, *size, 3))
+    with pytest.raises(ValueError, match=r"input of dtype torch.uint8 holds integer pixels; .* x.float\(\) / 255"):
+        model(torch.zeros(1, 3, *size, dtype=torch.uint8))
+    with torch.no_grad():
+        assert model(torch.zeros(0, 3, *size)).shape == (0, 5)  # an empty batch gives an empty batch
+
+
+def test_video_models_name_channels_last_and_integer_clips():
+    import torch
+    model = timm.create_model("stvit_video_tiny_patch2x16_224", img_size=32, num_frames=4, embed_dim=32, depth=3,
+                              num_heads=2, stgm_start=1, semantic_grid=(2, 2, 2), num_classes=5).eval()
+    with pytest.raises(ValueError, match=r"looks channels-last \(B, T, H, W, C\)"):
+        model(torch.zeros(1, 4, 32, 32, 3))
+    with pytest.raises(ValueError, match="holds integer pixels"):
+        model(torch.zeros(1, 3, 4, 32, 32, dtype=torch.uint8))
+
+
+def test_stvit_swin_suggests_a_size_it_takes():
+    import torch
+    model = timm.create_model("stvit_swin_tiny_patch4_window7_224",
+                              **TINY_IMAGE_FAMILIES["stvit_swin_tiny_patch4_window7_224"]).eval()
+    with pytest.raises(ValueError) as e:
+        model(torch.zeros(1, 3, 225, 225))
+    assert "225x225 is not a multiple of the 4x4 patches: resize or crop the input to 224x224" in str(e.value)
+    assert "img_size=(225, 225)" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["stvit_deit_tiny_patch16_224", "lookupvit_tiny_patch16_224",
+                                  "stvit_video_tiny_patch2x16_224", "stvit_swin_tiny_patch4_window7_224",
+                                  "stvit_r_swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("kwargs", [dict(patch_size=0), dict(img_size="abc"), dict(img_size=(0, 64))],
+                         ids=["patch0", "img_abc", "img0"])
+def test_constructor_sizes_are_value_errors_in_every_family(name, kwargs):
+    from condensevit.models.factory import create_model
+    with pytest.raises(ValueError, match=r"(patch_size|img_size)"):
+        create_model(name, num_classes=2, model_kwargs=dict(kwargs, device="meta"))

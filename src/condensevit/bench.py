@@ -90,6 +90,12 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
     default_shape = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
     if input_shape is None or tuple(input_shape) == default_shape:
         return model, default_shape
+    if len(input_shape) != len(default_shape) and len(default_shape) in (3, 4):
+        given = "a clip size (C, T, H, W)" if len(input_shape) == 4 else "an image size (C, H, W)"
+        want = ("an image model: it takes (C, H, W) images, e.g. --input-size " + ",".join(map(str, default_shape))
+                if len(default_shape) == 3 else
+                "a video model: it takes (C, T, H, W) clips, e.g. --input-size " + ",".join(map(str, default_shape)))
+        raise _usage_error(f"--input-size {','.join(map(str, input_shape))} is {given} but {name} is {want}")
     # a different size: build for it where the model takes img_size, else try as is
     size_kw = {}
     if len(input_shape) == 3:

@@ -366,6 +366,8 @@ def evaluate_checkpoint(checkpoint: str, data: str = "digits", *, model: str | N
         views = parse_views(views) if views is not None else (1, 1)
     except ValueError as e:
         raise _usage_error(f"--views: {e}") from None
+    from ..models._builder import resolve_checkpoint_path
+    checkpoint = resolve_checkpoint_path(checkpoint)  # a run folder: its last.safetensors
     state_dict, meta = ckpt.load_weights_file(checkpoint)
     name = model or meta.get("model")
     if not name:

@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# extra options for `make demo` / `make bench`, e.g. make demo DEMO_ARGS="--threads 1"
+DEMO_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: demo test bench compat install clean
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/condensevit demo --out demo_out
+	$(VENV)/bin/condensevit demo --out demo_out $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
@@ -25,7 +28,7 @@ compat: $(STAMP)
 	$(PY) compat/run_timm_tests.py
 
 bench: $(STAMP)
-	$(VENV)/bin/condensevit bench --models deit_small_patch16_224,stvit_deit_small_patch16_224,lookupvit_small_patch16_224 --batch-size 32
+	$(VENV)/bin/condensevit bench --models deit_small_patch16_224,stvit_deit_small_patch16_224,lookupvit_small_patch16_224 --batch-size 32 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache build/timm-compat

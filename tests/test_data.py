@@ -146,6 +146,15 @@ def test_cli_reports_class_folders_that_differ(tmp_path, capsys):
     assert "class folders differ between" in capsys.readouterr().err
 
 
+def test_training_on_a_single_class_is_refused(tmp_path, capsys):
+    make_tree(tmp_path / "d", ("a",))
+    assert _train_cli(tmp_path, tmp_path / "d") == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'd'} has one class (a): classification needs at least 2 classes" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run" / "last.safetensors").exists()
+    assert len(build_dataset(str(tmp_path / "d"), "val")) == 3  # reading such a folder is still fine
+
+
 def test_cli_reports_an_empty_dataset_folder(tmp_path, capsys):
     os.makedirs(tmp_path / "d" / "train")
     os.makedirs(tmp_path / "d" / "val")

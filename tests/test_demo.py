@@ -97,3 +97,17 @@ def test_interrupted_demo_says_how_to_continue_and_resumes(tmp_path, monkeypatch
     # the trainer's own hint, --resume auto, works for the demo too
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--resume", "auto"]) == 0
     assert "baseline (seed 0): resuming the interrupted run" in capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text()
+    # the resumed run's train time includes its first session: the report says so, and what this run's minutes cover
+    assert "counts the time before the interruption up to the checkpoint it resumed from (here: baseline)" in report
+    assert "resumed runs' earlier sessions ran before it" in report
+    rows = {r["short"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["baseline"]["resumed"] and not rows["stvit"]["resumed"]
+
+
+def test_report_counts_threads_in_words(quick_demo):
+    import re
+    report = (quick_demo / "report.md").read_text()
+    n = int(re.search(r"fp32, (\d+) thread", report).group(1))
+    assert f"fp32, {n} thread{'' if n == 1 else 's'} on " in report and "1 threads" not in report
+    assert "This `demo` invocation:" in report

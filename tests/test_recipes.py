@@ -228,8 +228,8 @@ def test_repeated_aug_drop_path_and_lr_base_run_and_are_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--accum-steps", "0"], "--accum-steps 0 must be at least 1"),
-    (["--drop-path", "1.5"], "--drop-path 1.5 must be in [0, 1)"),
+    (["--accum-steps", "0"], "--accum-steps must be at least 1 (got 0)"),
+    (["--drop-path", "1.5"], "--drop-path must be in [0, 1) (got 1.5)"),
     (["--drop-path", "0.1", "--model-kwargs", "drop_path_rate=0.2"], "both set the drop path rate"),
     (["--batch-size", "1000", "--accum-steps", "2"], "--batch-size 1000 x --accum-steps 2 is larger than"),
 ])

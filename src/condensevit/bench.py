@@ -90,6 +90,12 @@ def create_for_input(name: str, input_shape: tuple[int, ...] | None, **kwargs):
     default_shape = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
     if input_shape is None or tuple(input_shape) == default_shape:
         return model, default_shape
+    if len(input_shape) != len(default_shape) and len(default_shape) in (3, 4):
+        given = "a clip size (C, T, H, W)" if len(input_shape) == 4 else "an image size (C, H, W)"
+        want = ("an image model: it takes (C, H, W) images, e.g. --input-size " + ",".join(map(str, default_shape))
+                if len(default_shape) == 3 else
+                "a video model: it takes (C, T, H, W) clips, e.g. --input-size " + ",".join(map(str, default_shape)))
+        raise _usage_error(f"--input-size {','.join(map(str, input_shape))} is {given} but {name} is {want}")
     # a different size: build for it where the model takes img_size, else try as is
     size_kw = {}
     if len(input_shape) == 3:
@@ -313,8 +319,11 @@ def run_bench(specs, input_size=None, batch_size=32, device="cpu", amp=False, co
     from tqdm.auto import tqdm
     if mode not in ("inference", "train"):
         raise _usage_error(f"--mode {mode!r} must be inference or train")
-    if rounds < 1 or iters < 1 or warmup < 0 or batch_size < 1:
-        raise _usage_error("--rounds, --iters and --batch-size must be at least 1, --warmup at least 0")
+    from .train.config import check_range
+    for flag, value in (("--rounds", rounds), ("--iters", iters), ("--batch-size", batch_size)):
+        check_range(flag, value, lo=1)
+    check_range("--warmup", warmup, lo=0)
+    check_range("--min-time", min_time, lo=0, fix="0 times exactly --iters batches")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise _usage_error("--device cuda was asked for but no CUDA GPU is available here; use --device cpu")
@@ -455,10 +464,11 @@ def bench_figure(result: dict):
 
 
 def _cmd_bench(args) -> int:
-    from .outputs import check_output_file
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            check_output_file(path, flag)  # before any model is built
+    from .outputs import check_figure_file, check_output_file
+    if args.json:
+        check_output_file(args.json, "--json")  # before any model is built
+    if args.plot:
+        check_figure_file(args.plot, "--plot")
     specs = _split_top_level(args.models)
     if not specs:
         raise _usage_error("--models is empty; give a comma-separated list, the baseline first")
@@ -470,6 +480,8 @@ def _cmd_bench(args) -> int:
             raise _usage_error(f"--input-size {args.input_size!r}: {e}") from e
         if len(input_size) == 1:
             input_size = (3, input_size[0], input_size[0])
+    if args.threads < 0:
+        raise _usage_error(f"--threads must be >= 1 (got {args.threads}); omit it (or 0) for torch's choice")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.runtime != "eager":   # ONNX Runtime / torch.compile next to eager: condensevit.deploy
@@ -567,7 +579,7 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="measure every model in this process (starts quicker; peak memory is then not measured)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
-    p.add_argument("--plot", default=None, help="write a throughput-vs-GMACs PNG here")
+    p.add_argument("--plot", default=None, help="write a throughput-vs-GMACs figure here (.png, .pdf, .svg, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
 

@@ -119,7 +119,7 @@ def _train_one(short: str, name: str, kwargs: dict, out: str, recipe: dict, fres
     done = _finished_run(run_dir, cfg)
     if done is not None:
         log(f"  {short} (seed {seed}): reusing the finished run in {run_dir} (--fresh retrains)")
-        return dict(done, val_images=_val_images(run_dir))
+        return dict(done, val_images=_val_images(run_dir), reused=True)
     if os.path.isdir(run_dir):
         if os.path.isfile(os.path.join(run_dir, "last.state.pth")) and \
                 not os.path.isfile(os.path.join(run_dir, "summary.json")):
@@ -134,7 +134,7 @@ def _train_one(short: str, name: str, kwargs: dict, out: str, recipe: dict, fres
     log(f"  {short} (seed {seed}): top-1 {result.final_top1:.2f} after {result.epochs_done} epochs "
         f"({time.perf_counter() - t0:.0f}s)")
     with open(os.path.join(run_dir, "summary.json")) as f:
-        return dict(json.load(f), val_images=_val_images(run_dir))
+        return dict(json.load(f), val_images=_val_images(run_dir), resumed=cfg.resume == "auto")
 
 
 def _token_map_figures(out: str, runs: dict, index: int = 0) -> dict:
@@ -258,6 +258,11 @@ def _report(out: str, rows: list[dict], bench: dict, figures: dict, recipe: dict
         lines += ["", "Top-1 of each seed (%):", ""]
         for r in rows:
             lines.append(f"- {r['short']}: " + ", ".join(f"{v:.2f} (seed {s})" for v, s in zip(r["top1_seeds"], seeds)))
+    resumed = [r["short"] for r in rows if r.get("resumed")]
+    lines += ["", "Train time: each run's seconds of training (its summary.json's `train_time_s`), summed over its "
+              "sessions: a run that was interrupted and resumed counts the time before the interruption up to the "
+              "checkpoint it resumed from"
+              + (f" (here: {', '.join(resumed)})" if resumed else "") + "."]
     lines += ["", "Aim: each condensed model within 1.0 point of the baseline's top-1"
                   f"{' (means over the seeds)' if n > 1 else ''} at no more than half its GMACs.", ""]
     for r in rows[1:]:
@@ -290,9 +295,12 @@ def _report(out: str, rows: list[dict], bench: dict, figures: dict, recipe: dict
         "with warm-up, label smoothing (timm's). Accuracy: the last epoch's weights on the validation split.",
         f"- GMACs: `condensevit.measure.gmacs` at 3x64x64, batch 1. Speed: `condensevit bench` on the same "
         f"models, alternating rounds, batch {env['batch_size']}, {env['device']}, fp32, {env['torch_threads']} "
-        f"threads on {env['processor']} ({env['cpu_count']} cpus), torch {env['torch']}.",
-        f"- Whole demo: {wall_s / 60:.1f} minutes. Runs, logs and checkpoints: `runs/`; raw figures: "
-        "`results.json`.",
+        f"thread{'' if env['torch_threads'] == 1 else 's'} on {env['processor']} ({env['cpu_count']} cpus), torch {env['torch']}.",
+        f"- This `demo` invocation: {wall_s / 60:.1f} minutes"
+        + ("" if not any(r.get("reused") or r.get("resumed") for r in rows) else
+           " (runs found finished were reused and resumed runs' earlier sessions ran before it: neither is in "
+           "this figure)")
+        + ". Runs, logs and checkpoints: `runs/`; raw figures: `results.json`.",
         "",
     ]
     text = "\n".join(lines)
@@ -317,15 +325,17 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
             print(msg, flush=True)
 
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds} must be at least 1")
+        raise ValueError(f"--seeds must be at least 1 (got {seeds})")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {threads}); omit it for torch's choice")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--epochs must be at least 1 (got {epochs})")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     recipe = dict(RECIPE, **(QUICK if quick else {}))
     if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"--epochs {epochs} must be at least 1")
         recipe["epochs"] = epochs
     seed_list = list(range(seeds))
     log(f"condensevit demo: training {len(DEMO_MODELS)} models on the embedded digits "
@@ -349,7 +359,8 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, fresh: bool = False,
                    params=ss[0]["params"], gmacs=b["gmacs"], gmacs_ratio=b["gmacs_ratio"],
                    images_per_s=b["images_per_s"], speedup=b["speedup"],
                    train_time_s=sum(s["train_time_s"] for s in ss) / len(ss), val_images=ss[0].get("val_images"),
-                   checkpoint=ss[0]["checkpoint"], checkpoints=[s["checkpoint"] for s in ss])
+                   checkpoint=ss[0]["checkpoint"], checkpoints=[s["checkpoint"] for s in ss],
+                   resumed=any(s.get("resumed") for s in ss), reused=any(s.get("reused") for s in ss))
         for key, field in (("top1", "final_top1"), ("best", "best_top1"), ("top5", "final_top5")):
             row[f"{key}_seeds"] = [s[field] for s in ss]
             row[key], row[f"{key}_std"] = _mean_std(row[f"{key}_seeds"])

@@ -485,7 +485,9 @@ def build_for_export(name: str | None, checkpoint: str | None, model_kwargs: dic
     import timm
     from . import models as _  # noqa: F401  (registers our models)
     if checkpoint:
+        from .models._builder import resolve_checkpoint_path
         from .train.checkpoint import load_model_for_inference
+        checkpoint = resolve_checkpoint_path(checkpoint)  # a run folder: its last.safetensors
         if not os.path.isfile(checkpoint):
             raise _usage(f"checkpoint file not found: {checkpoint!r}; check the path")
         model = load_model_for_inference(name, checkpoint, **model_kwargs)

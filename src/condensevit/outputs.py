@@ -16,7 +16,7 @@ import tempfile
 
 from .cli import UsageError
 
-__all__ = ["OutputError", "check_output_dir", "check_output_file", "disk_full_error", "is_disk_full", "user_umask",
+__all__ = ["OutputError", "check_output_dir", "check_output_file", "check_figure_file", "figure_formats", "disk_full_error", "is_disk_full", "user_umask",
            "apply_umask"]
 
 
@@ -87,6 +87,29 @@ def check_output_file(path: str, flag: str) -> str:
         except OSError as e:
             raise OutputError(f"cannot write {flag} {path}: {_reason(e, path, flag)}") from None
     return path
+
+
+def figure_formats() -> list[str]:
+    """The file extensions matplotlib can save a figure as (png, pdf, svg, jpg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_figure_file(path: str, flag: str) -> str:
+    """:func:`check_output_file` for a figure: its extension must name a format matplotlib writes.
+    A name without one is refused rather than completed (``savefig`` would write ``NAME.png`` while
+    the command printed ``NAME``), so the file written is always the file named."""
+    ext = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    formats = figure_formats()
+    if not ext:
+        raise OutputError(f"{flag} {path} has no extension; name the figure's format, e.g. {path}.png "
+                          f"(matplotlib writes {', '.join(f for f in ('png', 'pdf', 'svg', 'jpg') if f in formats)}, "
+                          "...)")
+    if ext not in formats:
+        stem = os.path.splitext(os.fspath(path))[0]
+        raise OutputError(f"{flag} {path}: matplotlib cannot write .{ext} figures; use one of {', '.join(formats)} "
+                          f"(e.g. {stem}.png)")
+    return check_output_file(path, flag)
 
 
 def is_disk_full(e: BaseException) -> bool:

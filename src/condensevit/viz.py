@@ -160,6 +160,20 @@ def _is_clip_spec(spec, gif_is_clip: bool = False) -> bool:
     return os.path.isdir(text) or (lower.endswith(VIDEO_EXTENSIONS) and (gif_is_clip or not lower.endswith(".gif")))
 
 
+def _check_frame_folder(spec, name: str, video: bool):
+    """A folder given as ``--image`` is a clip's frames: one without frame images is named as such
+    (not as "a clip" an image model cannot take)."""
+    if not (isinstance(spec, str) and os.path.isdir(spec)):
+        return
+    from .data import IMG_EXTENSIONS
+    if any(f.lower().endswith(IMG_EXTENSIONS) for f in os.listdir(spec)):
+        return
+    want = ("a folder of the clip's frame images, a video file or sample:moving_digits" if video else
+            "an image file or sample:china / sample:digit (a folder is read as a clip's frames)")
+    raise ValueError(f"--image {spec!r} is a folder without frames (no {', '.join(IMG_EXTENSIONS)} files in it); "
+                     f"{name} takes {'clips' if video else 'images'}: give {want}")
+
+
 def load_clip_input(spec, input_size, mean, std) -> tuple[torch.Tensor, np.ndarray]:
     """A clip for a video model of ``input_size`` (C, T, H, W): the normalised tensor (1, C, T, H, W)
     and the RGB frames (T, H, W, 3) uint8 for drawing.
@@ -386,8 +400,10 @@ def _cmd_viz(args) -> int:
     from . import models as _  # noqa: F401  (registers the models)
     from .bench import _check_model_name
     from .data import model_input_size
-    from .outputs import check_output_file
-    check_output_file(args.out, "--out")  # before any model is built
+    from .outputs import check_figure_file
+    check_figure_file(args.out, "--out")  # before any model is built
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
     if args.model:
         _check_model_name(args.model)
     elif not args.checkpoint:
@@ -411,6 +427,7 @@ def _cmd_viz(args) -> int:
     if args.size:
         input_size = (*input_size[:-2], *_parse_size(args.size))
     mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
+    _check_frame_folder(args.image, name, video)
     is_clip = _is_clip_spec(args.image, gif_is_clip=video)
     if video and not is_clip:
         raise ValueError(f"{name} takes clips (C, T, H, W) but {args.image!r} is an image; give sample:moving_digits, "
@@ -463,7 +480,7 @@ def add_parser(sub: argparse._SubParsersAction):
                    help="an image file, or a built-in image: sample:china / sample:flower (scikit-learn's "
                         "photographs), sample:digit[:N] (a validation digit); for video models a clip: "
                         "sample:moving_digits[:N], a folder of frame images or a video file")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="figure to write; its extension names the format (.png, .pdf, .svg, ...)")
     p.add_argument("--size", default=None, help="HxW to run the model at (default: its input size)")
     p.add_argument("--frame", type=int, default=None,
                    help="video models: the tubelet slice T' to draw (default: the middle one)")

@@ -139,7 +139,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from ..outputs import check_output_file
     from .engine import evaluate_captioner
+    for flag, path in (("--json", args.json), ("--predictions", args.predictions)):
+        if path:
+            check_output_file(path, flag)  # before any captioning
     out = evaluate_captioner(args.checkpoint, args.data, split=args.split, beam_size=args.beam_size,
                              length_penalty=args.length_penalty, max_len=args.max_len, batch_size=args.batch_size,
                              device=args.device, strict=args.strict, split_file=args.split_file, limit=args.limit,
@@ -182,7 +186,10 @@ def _cmd_predict(args) -> int:
     import torch
     from timm.data import resolve_data_config
 
+    from ..outputs import check_figure_file
     from .engine import load_captioner
+    if args.viz:
+        check_figure_file(args.viz, "--viz")  # before the model is loaded
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     captioner, tokenizer, meta = load_captioner(args.checkpoint, device)
     encoder = captioner.encoder.model

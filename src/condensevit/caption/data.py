@@ -251,6 +251,9 @@ class CocoCaptions(_CaptionSet):
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise ValueError(f"{ann_file}: no 'images' list; expected the COCO captions format (images, annotations) "
                              "or Karpathy's dataset_coco.json")
+        if not data["images"]:
+            raise ValueError(f"{ann_file}: the captions file has no images (its 'images' list is empty); give a COCO "
+                             "captions file that lists the images and their annotations")
         karpathy = bool(data["images"]) and isinstance(data["images"][0], dict) and "sentences" in data["images"][0]
         entries = self._read_karpathy(data, ann_file) if karpathy else self._read_coco(data, ann_file)
         # entries: list of (image id, relative path, split or None, captions)

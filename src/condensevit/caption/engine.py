@@ -350,7 +350,21 @@ class _CaptionRun:
                             ("--captions-per-image", cfg.captions_per_image, 1), ("--min-count", cfg.min_count, 1),
                             ("--max-len", cfg.max_len, 3)):
             if v < lo:
-                raise ValueError(f"{name} {v} must be at least {lo}")
+                raise ValueError(f"{name} must be at least {lo} (got {v})")
+        from ..train.config import check_range
+        for name, v in (("--dim", cfg.dim), ("--depth", cfg.depth), ("--num-heads", cfg.num_heads),
+                        ("--eval-batch-size", cfg.eval_batch_size)):
+            check_range(name, v, lo=1)
+        check_range("--limit-val-images", cfg.limit_val_images, lo=1, optional=True)
+        check_range("--workers", cfg.workers, lo=0, fix="0 loads data in the training process")
+        check_range("--lr", cfg.lr, lo=0, lo_open=True, fix="e.g. 5e-4")
+        for name, v in (("--weight-decay", cfg.weight_decay), ("--min-lr", cfg.min_lr), ("--seed", cfg.seed)):
+            check_range(name, v, lo=0)
+        check_range("--warmup-epochs", cfg.warmup_epochs, lo=0, fix="0 for no warm-up")
+        check_range("--clip-grad", cfg.clip_grad, lo=0, optional=True, fix="0 turns clipping off")
+        check_range("--smoothing", cfg.smoothing, lo=0, hi=1, hi_open=True, fix="e.g. 0.1, or 0 for none")
+        check_range("--dropout", cfg.dropout, lo=0, hi=1, hi_open=True, fix="e.g. 0.1")
+        check_range("--mlp-ratio", cfg.mlp_ratio, lo=0, lo_open=True)
         if cfg.cache_tokens and cfg.aug_scale is not None:
             print("condensevit caption train: warning: --cache-tokens turns augmentation off (--aug-scale ignored): "
                   "cached tokens are of the unaugmented images", file=sys.stderr, flush=True)

@@ -30,12 +30,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from .digits import DIGITS_CANVAS, DigitsDataset, render_digits
-from .folder import IMG_EXTENSIONS, ImageFolderDataset, find_classes
+from .folder import IMG_EXTENSIONS, ImageFolderDataset, check_trainable_classes, find_classes
 from .video import VIDEO_EXTENSIONS, ClipFolder, MovingDigits, load_clip, normalise_clip
 
 __all__ = [
     "build_dataset", "build_transform", "AugmentConfig", "default_augment", "SeededAugmentation",
-    "DigitsDataset", "ImageFolderDataset", "render_digits", "find_classes", "IMG_EXTENSIONS",
+    "DigitsDataset", "ImageFolderDataset", "render_digits", "find_classes", "check_trainable_classes", "IMG_EXTENSIONS",
     "model_input_size", "is_video_data", "ClipFolder", "MovingDigits", "load_clip", "normalise_clip",
     "VIDEO_EXTENSIONS", "VIDEO_DATASETS", "EMBEDDED",
 ]

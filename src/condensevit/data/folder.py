@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["ImageFolderDataset", "find_classes", "IMG_EXTENSIONS", "to_rgb", "open_rgb"]
+__all__ = ["ImageFolderDataset", "find_classes", "check_trainable_classes", "IMG_EXTENSIONS", "to_rgb", "open_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -46,6 +46,19 @@ def find_classes(split_dir: str) -> list[str]:
     if not classes:
         raise ValueError(f"dataset folder {split_dir!r} is empty: expected one sub-folder per class")
     return classes
+
+
+def check_trainable_classes(classes, data: str):
+    """Raise a one-line ``ValueError`` when a training set has fewer than 2 classes: a classifier of
+    one class reaches 100% without learning anything (reading such a folder is fine; training on it
+    is refused)."""
+    classes = list(classes)
+    if len(classes) < 2:
+        one = f"one class ({classes[0]})" if classes else "no classes"
+        where = (f"{os.path.join(data, 'train')} and {os.path.join(data, 'val')}" if os.path.isdir(data)
+                 else "its train and val splits")
+        raise ValueError(f"--data {data} has {one}: classification needs at least 2 classes; give {where} one "
+                         "sub-folder per class")
 
 
 def _check_same_classes(root: str, train: list[str], val: list[str]):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-__all__ = ["known_zero", "known_equal", "building_graph", "is_fx_proxy", "shape_str"]
+__all__ = ["known_zero", "known_equal", "building_graph", "is_fx_proxy", "shape_str", "check_image_layout",
+           "check_float_pixels", "check_clip_layout"]
 
 
 def is_fx_proxy(value) -> bool:
@@ -62,3 +63,33 @@ def shape_str(x: Tensor) -> str:
     """``str(tuple(x.shape))`` in a form TorchScript compiles too (for error messages)."""
     dims = [str(d) for d in x.shape]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def check_image_layout(x: Tensor, in_chans: int) -> None:
+    """The input mistakes every image family names alike, before its own shape checks: channels-last
+    images (B, H, W, C), as numpy and PIL give them, and integer pixels (uint8) not yet converted
+    and normalised. Called from each family's input check (a module-level function marked
+    ``@register_notrace_function`` and ``@torch.fx.wrap``); it reads only static facts (rank,
+    sizes, dtype), so TorchScript compiles it and torch.export keeps no data-dependent branch."""
+    if x.dim() == 4 and x.shape[1] != in_chans and x.shape[3] == in_chans:
+        raise ValueError(f"input of shape {shape_str(x)} looks channels-last (B, H, W, C); images are (B, C, H, W): "
+                         f"pass x.permute(0, 3, 1, 2)")
+    check_float_pixels(x)
+
+
+def check_clip_layout(x: Tensor, in_chans: int) -> None:
+    """:func:`check_image_layout` for (B, C, T, H, W) clips: channels-last clips (B, T, H, W, C) and
+    integer pixels."""
+    if x.dim() == 5 and x.shape[1] != in_chans and x.shape[4] == in_chans:
+        raise ValueError(f"input of shape {shape_str(x)} looks channels-last (B, T, H, W, C); clips are "
+                         f"(B, C, T, H, W): pass x.permute(0, 4, 1, 2, 3)")
+    check_float_pixels(x)
+
+
+def check_float_pixels(x: Tensor) -> None:
+    """ValueError for integer (uint8) or bool input: the models take normalised floating-point
+    pixels. The dtype is static, so traced graphs keep no branch on it."""
+    if not x.is_floating_point():
+        raise ValueError(f"input of dtype {x.dtype} holds integer pixels; the model takes floating-point pixels, "
+                         "normalised: x.float() / 255, then the model's mean and std "
+                         "(timm.data.resolve_data_config(model=model)), as timm's transforms do")

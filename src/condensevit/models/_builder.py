@@ -3,6 +3,7 @@ and checking converted state dicts so that a wrong checkpoint fails with a clear
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import os
 import pickle
 from typing import Callable, Iterable
@@ -44,13 +45,49 @@ def unwrap_state_dict(checkpoint) -> dict[str, torch.Tensor]:
     return out
 
 
+RUN_WEIGHTS_NAME = "last.safetensors"  # a training run's weights (condensevit.train.checkpoint.WEIGHTS_NAME)
+_CHECKPOINT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> str:
+    """The weights file ``path`` stands for: a training run's folder stands for its
+    ``last.safetensors`` (as ``train --resume`` takes a run folder); any other folder is a
+    :class:`CheckpointError` naming the checkpoint files it holds. A file path is returned as is."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    last = os.path.join(path, RUN_WEIGHTS_NAME)
+    if os.path.isfile(last):
+        return last
+    found = sorted(f for f in os.listdir(path) if f.endswith(_CHECKPOINT_EXTENSIONS))
+    if found:
+        raise CheckpointError(f"{path!r} is a folder, not a checkpoint file; pass one of its files, e.g. "
+                              f"{os.path.join(path, found[0])!r} (it holds {', '.join(found[:4])}"
+                              f"{', ...' if len(found) > 4 else ''})")
+    raise CheckpointError(f"{path!r} is a folder that holds no checkpoint (no {RUN_WEIGHTS_NAME} of a training run, "
+                          f"no {' / '.join(_CHECKPOINT_EXTENSIONS)} file); pass the weights file itself")
+
+
+def _training_state_error(ckpt, path: str) -> CheckpointError | None:
+    """The error for a training run's state file (optimizer, schedule, generators: no weights)
+    given where weights are wanted, pointing at the weights file beside it."""
+    if not (isinstance(ckpt, dict) and "optimizer" in ckpt and ("global_step" in ckpt or "epoch" in ckpt)):
+        return None
+    name = ckpt.get("weights_file")
+    name = os.path.basename(name) if isinstance(name, str) and name else RUN_WEIGHTS_NAME
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    return CheckpointError(f"it is a training run's state (optimizer, schedule, random generators), not its weights; "
+                           f"pass {beside!r} beside it (or its folder), or resume training from it with --resume")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read weights from a .safetensors or a torch (.pth/.pt/.bin) file, unwrapped.
+    """Read weights from a .safetensors or a torch (.pth/.pt/.bin) file, unwrapped; a training
+    run's folder stands for its ``last.safetensors`` (:func:`resolve_checkpoint_path`).
 
     Raises :class:`CheckpointError` naming the file and the fix when the file is missing,
-    truncated or not a checkpoint.
+    truncated or not a checkpoint (a run's ``last.state.pth`` is named as its training state).
     """
-    path = os.fspath(path)
+    path = resolve_checkpoint_path(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path!r}; check the path")
     if os.path.getsize(path) == 0:
@@ -68,6 +105,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             # older checkpoints (e.g. the STViT-R releases) pickle argparse/yacs configs beside
             # the weights; only load those the user handed us explicitly
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state_error = _training_state_error(ckpt, path)
+        if state_error is not None:
+            raise state_error
         return unwrap_state_dict(ckpt)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {path!r}: {e}") from e
@@ -84,6 +124,27 @@ def _looks_like_safetensors(path: str) -> bool:
         return False
     n = int.from_bytes(head[:8], "little")
     return 0 < n < 100_000_000 and head[8:9] == b"{"
+
+
+def as_positive_ints(value, name: str, n: int, example: str) -> tuple[int, ...]:
+    """``n`` positive ints from an int (``n == 2`` only: a square) or a sequence of ``n``; a
+    ``ValueError`` naming ``name`` and an example otherwise (a string such as ``'abc'``, a float,
+    zero). The constructors' check of ``img_size``, ``patch_size`` and grids, in every family."""
+    seq = (value,) * n if n == 2 and isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    try:
+        seq = tuple(seq) if not isinstance(seq, (str, bytes)) else ()
+    except TypeError:
+        seq = ()
+    if len(seq) != n or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in seq):
+        raise ValueError(f"{name}={value!r} must be {n} positive ints, e.g. {example}")
+    return tuple(int(s) for s in seq)
+
+
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int when it is a positive int (not a bool); a ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return int(value)
 
 
 def new_classifier(model: nn.Module, width: int, num_classes: int) -> nn.Module:

@@ -66,9 +66,11 @@ def create_model(name: str, *, num_classes: int, model_kwargs: dict | None = Non
     does not fit)."""
     import timm
 
-    from ._builder import CheckpointError, read_checkpoint
+    from ._builder import CheckpointError, read_checkpoint, resolve_checkpoint_path
 
     check_model_name(name)
+    if pretrained_file:
+        pretrained_file = resolve_checkpoint_path(pretrained_file)  # a run folder: its last.safetensors
     kwargs = normalize_kwargs(model_kwargs or {})
     for reserved in ("num_classes", "pretrained", "pretrained_cfg_overlay"):
         if reserved in kwargs:

@@ -70,7 +70,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import split_qkv
 from ..layers.bidirectional import BidirectionalCrossAttention
-from ..layers.tracing import is_fx_proxy, known_equal, shape_str
+from ..layers.tracing import check_image_layout, is_fx_proxy, known_equal, shape_str
 from ._builder import CheckpointError, build, complete_state_dict, new_classifier
 
 __all__ = ["LookupViT", "LookupViTBlock", "checkpoint_filter_fn"]
@@ -109,6 +109,7 @@ def _check_grid_fits(grid: Tuple[int, int], lookup_grid: Tuple[int, int], name: 
 def _check_images(x: Tensor, in_chans: int, patch_size: int, img_size: Optional[Tuple[int, int]]) -> None:
     """ValueError unless ``x`` is (B, in_chans, H, W) images with H, W multiples of the patch, and of
     ``img_size`` when given (a model without ``dynamic_img_size``)."""
+    check_image_layout(x, in_chans)
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(f"expected images (B, {in_chans}, H, W), got shape {shape_str(x)}")
     H, W = x.shape[-2], x.shape[-1]

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch import Tensor
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath, LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, resample_patch_embed, to_2tuple,
+    DropPath, LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, resample_patch_embed,
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
@@ -48,8 +48,9 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..layers.attention import CrossAttention, split_qkv
 from ..layers.pooling import POOL_MODES, WindowPool
-from ..layers.tracing import shape_str
-from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
+from ..layers.tracing import check_image_layout, shape_str
+from ._builder import (CheckpointError, as_positive_ints, build, check_positive_int, complete_state_dict,
+                       new_classifier, unwrap_state_dict)
 
 __all__ = ["STViT", "SemanticTokenBlock", "STGMSchedule", "checkpoint_filter_fn"]
 
@@ -171,6 +172,7 @@ def run_stgm_blocks(model: nn.Module, x: Tensor, take_indices=(), stop: Optional
 @torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
 def _check_images(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
     """ValueError unless ``x`` is (B, in_chans, *img_size) images."""
+    check_image_layout(x, in_chans)
     if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
         raise ValueError(
             f"input of shape {shape_str(x)} does not fit this model, built for (B, {in_chans}, "
@@ -230,7 +232,8 @@ class STViT(STGMSchedule, nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        img_size = to_2tuple(img_size)
+        img_size = as_positive_ints(img_size, "img_size", 2, "224 or (224, 224)")
+        patch_size = check_positive_int(patch_size, "patch_size")
         _check_args(img_size, patch_size, global_pool, embed_dim, depth, num_heads,
                     num_semantic_tokens, stgm_start, stgm_depth, center_pool)
         norm_layer, act_layer = LayerNorm, nn.GELU

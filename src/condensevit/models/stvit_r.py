@@ -65,12 +65,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import CrossAttention, attend, merge_heads, split_heads
-from ..layers.tracing import building_graph, known_zero, shape_str
+from ..layers.tracing import building_graph, check_image_layout, known_zero, shape_str
 from ..layers.windows import (
     gather_neighbourhoods, neighbourhood_index, pad_to_multiple, round_up, shifted_window_mask, window_partition,
     window_reverse,
 )
-from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
+from ._builder import (CheckpointError, as_positive_ints, build, complete_state_dict, new_classifier,
+                       unwrap_state_dict)
 
 __all__ = ["STViTR", "checkpoint_filter_fn"]
 
@@ -153,7 +154,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, shift_mask: Optional[Tensor] = None) -> Tensor:
         """``x`` (B * windows, N, C); ``shift_mask`` (windows, 1, N, N) or None."""
         B_, N, C = x.shape
-        q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         mask = self.relative_position_bias().to(q.dtype)
         if shift_mask is not None:
             # CPU and GPU kernels are fastest with a dense 4-d mask (a 3-d or 5-d one falls back to math)
@@ -316,11 +317,11 @@ class _LayerScaleBlock(nn.Module):
         neighbourhood of keys/values (projected once per token, then gathered); ``mask``
         (windows, K) additive or None."""
         B, nW, K = kv.shape[0], kv.shape[1], kv.shape[2]
-        k, v = kv.view(B * nW, K, -1).chunk(2, dim=-1)
+        k, v = kv.view(B * nW, K, kv.shape[3]).chunk(2, dim=-1)
         heads = self.attn.num_heads
         attn_mask: Optional[Tensor] = None
         if mask is not None:
-            attn_mask = mask.to(k.dtype)[None, :, None, None, :].expand(B, -1, -1, -1, -1).reshape(B * nW, 1, 1, -1)
+            attn_mask = mask.to(k.dtype)[None, :, None, None, :].expand(B, -1, -1, -1, -1).reshape(B * nW, 1, 1, K)
         return self.attn.attend_projected(queries, split_heads(k, heads), split_heads(v, heads),
                                           attn_mask=attn_mask, return_attn=return_attn)
 
@@ -412,7 +413,7 @@ class SemanticBlock(_LayerScaleBlock):
         if n is not None:
             q = window_partition(self.norm1(x), n)
         else:
-            q = self.norm1(x.reshape(shape[0], -1, shape[-1]))
+            q = self.norm1(x.flatten(1, -2))  # (B, N, C); no -1 to infer, so an empty batch passes
         k, v = self.attn.project_kv(q if context is None else self.norm1(context))
         out, attn = self.attn.attend_projected(q, k, v, return_attn=return_attn)
         out = window_reverse(out, n, shape[1], shape[2]) if n is not None else out.view(shape)
@@ -444,6 +445,7 @@ class RecoveryBlock(_LayerScaleBlock):
 @torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
 def _check_images(x: Tensor, in_chans: int, img_size: Optional[Tuple[int, int]]) -> None:
     """ValueError unless ``x`` is (B, in_chans, H, W) images, of ``img_size`` when given (classifier)."""
+    check_image_layout(x, in_chans)
     if x.dim() != 4 or x.shape[1] != in_chans:
         got = str(x.shape[1]) if x.dim() == 4 else "..."
         raise ValueError(f"expected images (B, {in_chans}, H, W), got shape {shape_str(x)}; "
@@ -733,7 +735,7 @@ class STViTR(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_size = as_positive_ints(img_size, "img_size", 2, "224 or (224, 224)")
         if patch_size != 4:
             raise ValueError(f"patch_size must be 4 (the convolutional stem has two stride-2 convolutions), got {patch_size}")
         if len(depths) != 4 or len(num_heads) != 4:

@@ -56,9 +56,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import split_qkv
-from ..layers.tracing import shape_str
+from ..layers.tracing import check_image_layout, shape_str
 from ..layers.windows import shifted_window_mask, window_neighbourhood_index, window_partition
-from ._builder import CheckpointError, build, complete_state_dict, unwrap_state_dict
+from ._builder import CheckpointError, as_positive_ints, build, complete_state_dict, unwrap_state_dict
 from .stvit_r import ConvStem, PatchMerging, SemanticBlock, SemanticTokenBlock, SwinBlock, SwinStage
 
 __all__ = ["STViTSwin", "SemanticStage", "checkpoint_filter_fn", "semantic_index"]
@@ -70,15 +70,23 @@ STEMS = ("patch", "conv")
 @torch.fx.wrap               # ... and for torch.fx.symbolic_trace: the check runs, with the same error, in the graph
 def _check_images(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
     """ValueError unless ``x`` is (B, in_chans, *img_size) images (TorchScript compiles it too)."""
+    check_image_layout(x, in_chans)
     if x.dim() != 4 or x.shape[1] != in_chans:
         got = str(x.shape[1]) if x.dim() == 4 else "..."
         raise ValueError(f"expected images (B, {in_chans}, H, W), got shape {shape_str(x)}; build the "
                          f"model with in_chans={got} for other channel counts")
     if x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]:
+        H, W = x.shape[-2], x.shape[-1]
+        h, w = max(4, (H + 2) // 4 * 4), max(4, (W + 2) // 4 * 4)  # the nearest sides the 4x4 patches take
+        if h == H and w == W:
+            fix = f"build the model with img_size=({H}, {W})"
+        else:
+            fix = (f"{H}x{W} is not a multiple of the 4x4 patches: resize or crop the input to {h}x{w} and build "
+                   f"the model with img_size=({h}, {w})")
         raise ValueError(
             f"this model takes {img_size[0]}x{img_size[1]} images (its semantic tokens and global "
-            f"centres are laid out for that size), got {x.shape[-2]}x{x.shape[-1]}: resize the input, or build "
-            f"the model with img_size=({x.shape[-2]}, {x.shape[-1]}) (a multiple of 4)")
+            f"centres are laid out for that size), got {H}x{W}: resize the input to {img_size[0]}x{img_size[1]}, "
+            f"or {fix}")
 
 
 def semantic_index(height: int, width: int, window_size: int, semantic_size: int, kernel: int,
@@ -270,7 +278,7 @@ class STViTSwin(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        img_size = as_positive_ints(img_size, "img_size", 2, "224 or (224, 224)")
         if patch_size != 4:
             raise ValueError(f"patch_size must be 4 (Swin's, and what the STViT-R stem makes), got {patch_size}")
         if len(depths) != 4 or len(num_heads) != 4:

@@ -64,13 +64,14 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor
 
 from ..layers.pooling import POOL_MODES, WindowPool
-from ..layers.tracing import is_fx_proxy, shape_str
+from ..layers.tracing import check_clip_layout, is_fx_proxy, shape_str
 from ..layers.spacetime import (
     PATCH_INFLATIONS, TubeletEmbed, inflate_patch_embed, resample_pos_embed_3d, resize_volume, tile_pos_embed,
 )
 from . import lookupvit as _lookupvit
 from . import stvit as _stvit
-from ._builder import CheckpointError, build, complete_state_dict, new_classifier, unwrap_state_dict
+from ._builder import (CheckpointError, as_positive_ints, build, complete_state_dict, new_classifier,
+                       unwrap_state_dict)
 from .lookupvit import LookupViTBlock, _ensure_lookup_update, _resolve_pool
 from .stvit import SemanticTokenBlock, STGMSchedule, run_stgm_blocks
 
@@ -95,6 +96,7 @@ def _check_clips(x: Tensor, in_chans: int, num_frames: int, tubelet_frames: int,
             f"(B, C, T, H, W): stack {num_frames} frames on dim 2")
     if x.dim() != 5:
         raise ValueError(f"input of shape {shape_str(x)} is not a batch of clips {want} (B, C, T, H, W)")
+    check_clip_layout(x, in_chans)
     C, T, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     if C != in_chans:
         raise ValueError(
@@ -121,16 +123,7 @@ def _check_clips(x: Tensor, in_chans: int, num_frames: int, tubelet_frames: int,
             f"(a multiple of the patch size {patch_size})")
 
 
-def _as_ints(value, name: str, n: int, example: str) -> tuple[int, ...]:
-    """``n`` positive ints from an int (2-D only) or a sequence; ValueError naming ``name`` otherwise."""
-    seq = (value,) * n if n == 2 and isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-    try:
-        seq = tuple(seq)
-    except TypeError:
-        seq = ()
-    if len(seq) != n or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in seq):
-        raise ValueError(f"{name}={value!r} must be {n} positive ints, e.g. {example}")
-    return tuple(int(s) for s in seq)
+_as_ints = as_positive_ints  # the name this module used
 
 
 class _VideoModel(nn.Module):

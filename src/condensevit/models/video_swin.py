@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models.video.swin_transformer import PatchEmbed3d, ShiftedWindowAttention3d, SwinTransformer3d
 
 from ..layers.attention import split_qkv
-from ..layers.tracing import known_zero, shape_str
+from ..layers.tracing import check_clip_layout, known_zero, shape_str
 from ..layers.windows import window_neighbourhood_index
 from ._builder import CheckpointError, complete_state_dict, new_classifier, unwrap_state_dict
 from .stvit_r import SemanticBlock, SemanticTokenBlock
@@ -102,6 +102,7 @@ def _check_clips(x: Tensor, in_chans: int, num_frames: int, img_size: Tuple[int,
                          "stack the frames on dim 2")
     if x.dim() != 5:
         raise ValueError(f"input of shape {shape_str(x)} is not a batch of clips {want}")
+    check_clip_layout(x, in_chans)
     if x.shape[1] != in_chans:
         raise ValueError(f"the clips have {x.shape[1]} channels but the model takes {in_chans} (input "
                          f"{shape_str(x)}); convert the frames, or build the model with in_chans={x.shape[1]}")

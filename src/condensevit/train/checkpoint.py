@@ -124,8 +124,9 @@ def save_weights(path: str, state_dict: dict, metadata: dict | None = None) -> s
 def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and the decoded metadata of a safetensors file written by :func:`save_weights`;
     any other checkpoint format goes through :func:`condensevit.models.read_checkpoint` (no metadata)."""
-    from ..models._builder import read_checkpoint
+    from ..models._builder import read_checkpoint, resolve_checkpoint_path
 
+    path = resolve_checkpoint_path(path)  # a run folder: its last.safetensors
     state_dict = read_checkpoint(path)
     meta = {}
     if os.fspath(path).endswith(".safetensors"):
@@ -509,6 +510,8 @@ def load_model_for_inference(name: str | None, path: str, **model_kwargs) -> tor
     filter). Any other file (a pretrained checkpoint) is loaded through the model's checkpoint
     filter, as ``--pretrained-file`` does, keeping its classifier when it has one.
     """
+    from ..models._builder import resolve_checkpoint_path
+    path = resolve_checkpoint_path(path)  # a run folder: its last.safetensors
     state_dict, meta = load_weights_file(path)
     recorded = meta.get("model") if meta.get("format") == "condensevit" else None
     name = name or recorded

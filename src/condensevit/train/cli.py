@@ -178,7 +178,7 @@ def add_parser(sub: argparse._SubParsersAction):
                                    "compressed grid or token count of the same weights.",
                        formatter_class=HelpFormatter)
     _add_common(e)
-    e.add_argument("--checkpoint", required=True, help="weights (.safetensors or .pth)")
+    e.add_argument("--checkpoint", required=True, help="weights (.safetensors or .pth), or a run folder (its last.safetensors)")
     e.add_argument("--batch-size", type=int, default=128, help="images per batch")
     e.add_argument("--limit-batches", type=int, default=None, help="cap on batches (default: the whole val split)")
     e.add_argument("--views", default=None, metavar="CLIPSxCROPS",

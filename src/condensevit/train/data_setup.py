@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ..data import AugmentConfig, SeededAugmentation, build_dataset, build_transform, is_video_data
+from ..data import (AugmentConfig, SeededAugmentation, build_dataset, build_transform, check_trainable_classes,
+                    is_video_data)
 from ..models.factory import create_model, is_video_model_name, model_input_size_for
 from .config import TrainConfig
 from .distributed import DistInfo, ResumableDistributedSampler, ShardedEvalSampler
@@ -147,6 +148,7 @@ class TrainData:
             size, data_config = probe_video_input(cfg.model, model_kwargs, cfg.data)
             self._data_kwargs = dict(input_size=size, data_config=data_config)
         self.train_set = build_dataset(cfg.data, "train", strict=cfg.strict, **self._data_kwargs)
+        check_trainable_classes(self.train_set.classes, cfg.data)
         self.val_set = build_dataset(cfg.data, "val", strict=cfg.strict, **self._data_kwargs)
         self.classes = list(self.train_set.classes)
         self.num_classes = len(self.classes)

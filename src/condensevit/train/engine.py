@@ -59,11 +59,9 @@ def _usage_error(msg: str):
 
 
 def _check_config(cfg: TrainConfig):
-    """Option errors that need no data and no model."""
-    if cfg.epochs < 1:
-        raise ValueError(f"--epochs {cfg.epochs} must be at least 1")
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be at least 1")
+    """Option errors that need no data and no model: the ranges (:meth:`TrainConfig.check`), then
+    the options that only make sense together."""
+    cfg.check()
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size (got {cfg.batch_size})")
     if cfg.distillation_type != "none" and not cfg.teacher:
@@ -71,23 +69,8 @@ def _check_config(cfg: TrainConfig):
                          "--teacher-checkpoint FILE")
     if cfg.teacher and cfg.distillation_type == "none":
         raise ValueError("--teacher was given but --distillation-type is none; pick soft or hard")
-    if cfg.accum_steps < 1:
-        raise ValueError(f"--accum-steps {cfg.accum_steps} must be at least 1")
-    for flag, value in (("--lr-base", cfg.lr_base), ("--warmup-lr-base", cfg.warmup_lr_base),
-                        ("--min-lr-base", cfg.min_lr_base)):
-        if value is not None and value < 0:
-            raise ValueError(f"{flag} {value} must not be negative")
-    if cfg.lr_base_size < 1:
-        raise ValueError(f"--lr-base-size {cfg.lr_base_size} must be at least 1")
-    if cfg.repeated_aug_repeats < 1:
-        raise ValueError(f"--repeated-aug-repeats {cfg.repeated_aug_repeats} must be at least 1")
-    if cfg.drop_path is not None:
-        if not 0.0 <= cfg.drop_path < 1.0:
-            raise ValueError(f"--drop-path {cfg.drop_path} must be in [0, 1)")
-        if "drop_path_rate" in (cfg.model_kwargs or {}):
-            raise ValueError("--drop-path and --model-kwargs drop_path_rate both set the drop path rate; give one")
-    if cfg.remode not in ("pixel", "rand", "const"):
-        raise ValueError(f"--remode {cfg.remode!r} must be pixel, rand or const")
+    if cfg.drop_path is not None and "drop_path_rate" in (cfg.model_kwargs or {}):
+        raise ValueError("--drop-path and --model-kwargs drop_path_rate both set the drop path rate; give one")
     check_model_name(cfg.model)
 
 
@@ -375,10 +358,16 @@ def evaluate_checkpoint(checkpoint: str, data: str = "digits", *, model: str | N
     then counts clips, each giving that many model inputs.
     """
     from ..data.video import parse_views
+    from .config import check_range
+    check_range("--batch-size", batch_size, lo=1)
+    check_range("--limit-batches", limit_batches, lo=1, optional=True, fix="omit it for the whole val split")
+    check_range("--workers", workers, lo=0, optional=True, fix="0 loads data in the evaluating process")
     try:
         views = parse_views(views) if views is not None else (1, 1)
     except ValueError as e:
         raise _usage_error(f"--views: {e}") from None
+    from ..models._builder import resolve_checkpoint_path
+    checkpoint = resolve_checkpoint_path(checkpoint)  # a run folder: its last.safetensors
     state_dict, meta = ckpt.load_weights_file(checkpoint)
     name = model or meta.get("model")
     if not name:

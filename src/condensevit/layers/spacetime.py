@@ -21,7 +21,6 @@ import math
 import numbers
 from typing import Tuple
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed_nhwc

@@ -38,7 +38,6 @@ the global centres start from their initial values. An STViT-R checkpoint loads 
 correspond (see :func:`checkpoint_filter_fn`).
 """
 
-import fnmatch
 import math
 import re
 import warnings
@@ -57,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import split_qkv
 from ..layers.tracing import check_image_layout, shape_str
-from ..layers.windows import shifted_window_mask, window_neighbourhood_index, window_partition
+from ..layers.windows import shifted_window_mask, window_neighbourhood_index
 from ._builder import CheckpointError, as_positive_ints, build, complete_state_dict, unwrap_state_dict
 from .stvit_r import ConvStem, PatchMerging, SemanticBlock, SemanticTokenBlock, SwinBlock, SwinStage
 

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import timm
+import torch
 
 import condensevit  # noqa: F401
 from condensevit.cli import build_parser, main
@@ -336,3 +337,29 @@ def test_constructor_sizes_are_value_errors_in_every_family(name, kwargs):
     from condensevit.models.factory import create_model
     with pytest.raises(ValueError, match=r"(patch_size|img_size)"):
         create_model(name, num_classes=2, model_kwargs=dict(kwargs, device="meta"))
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["eval", "--checkpoint", "x", "--bogus", "1"], "usage: condensevit eval"),
+    (["caption", "train", "--bogus"], "usage: condensevit caption train"),
+])
+def test_an_unknown_option_is_reported_with_the_commands_own_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert usage in err and "unrecognized arguments: --bogus" in err and "--help" in err
+
+
+def test_eval_takes_trains_name_for_the_validation_cap():
+    args = build_parser().parse_args(["eval", "--checkpoint", "x", "--limit-val-batches", "2"])
+    assert args.limit_batches == 2
+
+
+def test_stvit_swin_size_message_is_one_sentence_with_a_size_it_takes():
+    m = timm.create_model("test_stvit_swin").eval()
+    size = m.pretrained_cfg["input_size"][-1]
+    with pytest.raises(ValueError) as e:
+        m(torch.randn(1, 3, size + 1, size + 1))
+    msg = str(e.value)
+    assert f"resize or crop the input to {size}x{size}" in msg and "or build" not in msg

@@ -61,9 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``args`` went through, for errors in its own usage."""
+    for dest in ("command", "caption_command"):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, dest, None)
+        if not subs or name is None or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # the error from the command's own parser: its usage, not the top level's
+        chosen = _chosen_parser(parser, args)
+        chosen.error(f"unrecognized arguments: {' '.join(extra)} (see {chosen.prog} --help)")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -77,15 +77,16 @@ def _check_images(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
     if x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]:
         H, W = x.shape[-2], x.shape[-1]
         h, w = max(4, (H + 2) // 4 * 4), max(4, (W + 2) // 4 * 4)  # the nearest sides the 4x4 patches take
+        take = f"this model takes {img_size[0]}x{img_size[1]} images (its semantic tokens and global " \
+               f"centres are laid out for that size), got {H}x{W}"
         if h == H and w == W:
-            fix = f"build the model with img_size=({H}, {W})"
+            msg = f"{take}: resize the input to {img_size[0]}x{img_size[1]}, or build the model with img_size=({H}, {W})"
+        elif h == img_size[0] and w == img_size[1]:
+            msg = f"{take}; {H}x{W} is not a multiple of the 4x4 patches: resize or crop the input to {h}x{w}"
         else:
-            fix = (f"{H}x{W} is not a multiple of the 4x4 patches: resize or crop the input to {h}x{w} and build "
-                   f"the model with img_size=({h}, {w})")
-        raise ValueError(
-            f"this model takes {img_size[0]}x{img_size[1]} images (its semantic tokens and global "
-            f"centres are laid out for that size), got {H}x{W}: resize the input to {img_size[0]}x{img_size[1]}, "
-            f"or {fix}")
+            msg = (f"{take}; {H}x{W} is not a multiple of the 4x4 patches: resize or crop the input to {h}x{w} and "
+                   f"build the model with img_size=({h}, {w}), or resize it to {img_size[0]}x{img_size[1]}")
+        raise ValueError(msg)
 
 
 def semantic_index(height: int, width: int, window_size: int, semantic_size: int, kernel: int,

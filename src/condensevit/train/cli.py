@@ -180,7 +180,7 @@ def add_parser(sub: argparse._SubParsersAction):
     _add_common(e)
     e.add_argument("--checkpoint", required=True, help="weights (.safetensors or .pth), or a run folder (its last.safetensors)")
     e.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    e.add_argument("--limit-batches", type=int, default=None, help="cap on batches (default: the whole val split)")
+    e.add_argument("--limit-batches", "--limit-val-batches", type=int, default=None, help="cap on batches (default: the whole val split)")
     e.add_argument("--views", default=None, metavar="CLIPSxCROPS",
                    help="multi-view testing of video models: e.g. 4x3 = 4 temporal clips x 3 spatial crops per "
                         "clip, probabilities averaged (as Video Swin is tested); --batch-size counts clips")

@@ -669,6 +669,31 @@ class DumbbellStage(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 
+def init_swin_module(m: nn.Module) -> None:
+    """Swin's initialisation of one module (``model.apply``): linear weights truncated-normal with
+    std 0.02 and zero biases, LayerNorms to the identity (timm's / the released code's ``_init_weights``)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def reinit_swin_like(model: nn.Module) -> None:
+    """Re-initialise every parameter and the computed buffers of a Swin-based model (also after
+    ``to_empty`` from the meta device): convolutions and batch norms by their own reset, submodules
+    with an ``init_weights`` by it, then :func:`init_swin_module` everywhere."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            m.reset_parameters()
+        elif m is not model and hasattr(m, "init_weights"):
+            m.init_weights()
+    model.apply(init_swin_module)
+    reinit_non_persistent_buffers(model)
+
+
 class STViTR(nn.Module):
     """STViT-R on Swin, classification (``dense=False``) or dense backbone (``dense=True``).
 
@@ -820,27 +845,11 @@ class STViTR(nn.Module):
             self.norm = nn.LayerNorm(dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_swin_module)
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the computed buffers (also after ``to_empty``)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-                m.reset_parameters()
-            elif m is not self and hasattr(m, "init_weights"):
-                m.init_weights()
-        self.apply(self._init_weights)
-        reinit_non_persistent_buffers(self)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        reinit_swin_like(self)
 
     # ---- timm contract -----------------------------------------------------------------------
 

@@ -50,7 +50,6 @@ from timm.layers import ClassifierHead, PatchEmbed, get_device_dtype, resize_rel
 from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
-from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -58,7 +57,8 @@ from ..layers.attention import split_qkv
 from ..layers.tracing import check_image_layout, shape_str
 from ..layers.windows import shifted_window_mask, window_neighbourhood_index
 from ._builder import CheckpointError, as_positive_ints, build, complete_state_dict, unwrap_state_dict
-from .stvit_r import ConvStem, PatchMerging, SemanticBlock, SemanticTokenBlock, SwinBlock, SwinStage
+from .stvit_r import (ConvStem, PatchMerging, SemanticBlock, SemanticTokenBlock, SwinBlock, SwinStage,
+                      init_swin_module, reinit_swin_like)
 
 __all__ = ["STViTSwin", "SemanticStage", "checkpoint_filter_fn", "semantic_index"]
 
@@ -359,28 +359,12 @@ class STViTSwin(nn.Module):
         self.norm = nn.LayerNorm(dims[-1], **dd)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    input_fmt="NHWC", **dd)
-        self.apply(self._init_weights)
+        self.apply(init_swin_module)
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the computed buffers (also after ``to_empty`` from the
         meta device)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-                m.reset_parameters()
-            elif m is not self and hasattr(m, "init_weights"):
-                m.init_weights()
-        self.apply(self._init_weights)
-        reinit_non_persistent_buffers(self)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        reinit_swin_like(self)
 
     # ---- timm contract -----------------------------------------------------------------------
     @torch.jit.ignore
